@@ -1,0 +1,184 @@
+"""Additive attention (Bahdanau attention).
+
+Paper: Dzmitry Bahdanau, Kyunghyun Cho, Yoshua Bengio, "Neural Machine Translation by Jointly
+Learning to Align and Translate", 2014, arXiv:1409.0473.
+
+Idea: instead of a dot product, a small one-hidden-layer network scores how well a query (the
+decoder state s_i) matches each key (an encoder state h_j). The query and key are projected into a
+shared hidden space, added, squashed by tanh and read out by a vector v. A softmax over the keys
+turns the scores into weights, and the context is the weighted average of the values. Because the
+query and key are projected separately, their widths may differ.
+
+Equation (page eq. (1)-(3)):
+    e_ij  = v^T tanh(W_q s_i + W_k h_j + b)
+    a_ij  = softmax_j(e_ij)          (over the keys the mask allows)
+    c_i   = sum_j a_ij * value_j
+
+Complexity in the sequence lengths Tq (queries) and Tk (keys), hidden width Hd:
+time O(Tq * Tk * Hd); memory O(Tq * Tk * Hd) because every (query, key) pair gets its own
+hidden vector before v reads it out (the price of a non-bilinear score).
+
+Reduces to / checked against: an explicit Python loop over (batch, query, key) of the paper's
+formula in float64 (tests/test_additive_attention.py). There is no fused PyTorch kernel for this
+score, so there is only the explicit path.
+
+Docs page: docs/mechanisms/additive_attention.md
+"""
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is a bool tensor with 4 dims broadcastable to `expected` = (B, 1, Tq, Tk).
+
+    We insist on 4 dims: a 2-D (B, Tk) padding mask would otherwise broadcast silently against
+    (Tq, Tk) whenever B == Tq, and attend to the wrong keys without any error.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
+    ok = mask.dim() == 4 and all(m in (1, e) for m, e in zip(mask.shape, expected))
+    if not ok:
+        raise ValueError(
+            f"mask must have 4 dims broadcastable to (B, 1, Tq, Tk) = {expected}, got shape "
+            f"{tuple(mask.shape)}; for a key-padding mask use shape (B, 1, 1, Tk) = "
+            f"({expected[0]}, 1, 1, {expected[3]})"
+        )
+
+
+def _masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last dim that gives masked keys weight 0 and fully masked rows all zeros.
+
+    A plain softmax over a row of -inf is 0/0 = NaN. We first give such rows finite scores (so
+    neither the forward nor the backward pass ever sees a NaN), then zero their weights.
+    """
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    mask = mask.expand_as(scores)  # (B, 1, Tq, Tk)
+    row_alive = mask.any(dim=-1, keepdim=True)  # (B, 1, Tq, 1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~row_alive, 0.0)  # dead rows: finite, uniform, zeroed below
+    weights = torch.softmax(scores, dim=-1)
+    return weights.masked_fill(~mask, 0.0)
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: score(s_i, h_j) = v^T tanh(W_q s_i + W_k h_j + b).
+
+    Args:
+        query_dim: width Dq of the queries s_i (e.g. the decoder state).
+        key_dim: width Dk of the keys h_j (e.g. the encoder states); may differ from query_dim.
+        hidden_dim: width Hd of the hidden space where the query and key are added.
+        bias: if True, a learned bias b inside the tanh (the paper's formula has none).
+        dropout: dropout probability on the attention weights (training only).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int, bias: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        for name, val in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden_dim", hidden_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.query_dim = query_dim
+        self.key_dim = key_dim
+        self.hidden_dim = hidden_dim
+        # W_q carries the single bias b: a second bias on W_k would just add to it (b_q + b_k is
+        # one free vector), so one bias is the whole freedom the formula has.
+        self.query_proj = nn.Linear(query_dim, hidden_dim, bias=bias)  # W_q (and b)
+        self.key_proj = nn.Linear(key_dim, hidden_dim, bias=False)  # W_k
+        # v reads a score out of the hidden vector. No bias here: a constant added to every score
+        # of a row cancels in the softmax, so it could never be learned.
+        self.score_proj = nn.Linear(hidden_dim, 1, bias=False)  # v
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, need_weights: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attend from every query to every key.
+
+        Args:
+            query: (B, Tq, Dq).
+            key: (B, Tk, Dk).
+            value: (B, Tk, Dv); defaults to `key` (Bahdanau's context is a mix of encoder states).
+            mask: bool, 4 dims broadcastable to (B, 1, Tq, Tk), True = may attend;
+                e.g. (B, 1, 1, Tk) for key padding.
+            need_weights: also return the attention weights (taken before dropout).
+
+        Returns:
+            context (B, Tq, Dv), or (context, weights) with weights (B, 1, Tq, Tk).
+            A query whose keys are all masked gets a zero context and zero weights.
+        """
+        if value is None:
+            value = key
+        self._check_inputs(query, key, value)
+        B, Tq, _ = query.shape
+        Tk = key.shape[1]
+        _check_mask(mask, (B, 1, Tq, Tk))
+
+        # Project each side once, then pair them up by broadcasting: this is what lets any Tq meet
+        # any Tk without a Python loop over the pairs.
+        q = self.query_proj(query)  # (B, Tq, Hd)   W_q s_i + b
+        k = self.key_proj(key)  # (B, Tk, Hd)   W_k h_j
+        hidden = torch.tanh(q.unsqueeze(2) + k.unsqueeze(1))  # (B, Tq, Tk, Hd)  eq. (1)
+        scores = self.score_proj(hidden).squeeze(-1)  # (B, Tq, Tk)    eq. (1): v^T tanh(...)
+        scores = scores.unsqueeze(1)  # (B, 1, Tq, Tk)  one "head", the project's weights shape
+
+        weights = _masked_softmax(scores, mask)  # (B, 1, Tq, Tk)  eq. (2)
+        context = self.dropout(weights).squeeze(1) @ value  # (B, Tq, Dv)  eq. (3)
+        if need_weights:
+            return context, weights
+        return context
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        for name, t, width in (("query", query, self.query_dim), ("key", key, self.key_dim)):
+            if t.dim() != 3:
+                raise ValueError(f"{name} must have 3 dims (B, T, {width}), got shape {tuple(t.shape)}")
+            if t.shape[-1] != width:
+                raise ValueError(
+                    f"{name} last dim must be {width} (the {name}_dim given to the constructor), "
+                    f"got shape {tuple(t.shape)}"
+                )
+        if value.dim() != 3:
+            raise ValueError(f"value must have 3 dims (B, Tk, Dv), got shape {tuple(value.shape)}")
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"key batch size must equal query batch size {query.shape[0]}, got key shape {tuple(key.shape)}"
+            )
+        if value.shape[:2] != key.shape[:2]:
+            raise ValueError(
+                f"value must have shape (B, Tk, Dv) = ({key.shape[0]}, {key.shape[1]}, Dv) to match key, "
+                f"got shape {tuple(value.shape)}"
+            )
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, Tq, Tk, Dq, Dk, Hd = 2, 3, 5, 6, 4, 8
+    attn = AdditiveAttention(query_dim=Dq, key_dim=Dk, hidden_dim=Hd).double()
+    s, h = torch.randn(B, Tq, Dq, dtype=torch.float64), torch.randn(B, Tk, Dk, dtype=torch.float64)
+    mask = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # the second sequence has only 3 real keys
+    context, weights = attn(s, h, mask=mask, need_weights=True)
+    print("context shape:", tuple(context.shape), " weights shape:", tuple(weights.shape))
+
+    # Checked fact: the paper's formula, one (batch, query, key) triple at a time.
+    W_q, b, W_k, v = attn.query_proj.weight, attn.query_proj.bias, attn.key_proj.weight, attn.score_proj.weight[0]
+    worst = 0.0
+    with torch.no_grad():
+        for bi in range(B):
+            for i in range(Tq):
+                allowed = [j for j in range(Tk) if mask[bi, 0, 0, j]]
+                e = torch.stack([v @ torch.tanh(W_q @ s[bi, i] + b + W_k @ h[bi, j]) for j in allowed])  # (n,)
+                a = torch.exp(e - e.max()) / torch.exp(e - e.max()).sum()
+                c = sum(a[n] * h[bi, j] for n, j in enumerate(allowed))
+                worst = max(worst, (c - context[bi, i]).abs().max().item())
+    print(f"max |context - explicit loop of the paper's formula| = {worst:.2e}")
+    assert worst < 1e-12

@@ -1,0 +1,231 @@
+"""Hard attention: each query picks ONE key, sampled during training, trained by straight-through Gumbel-softmax.
+
+Papers: Kelvin Xu, Jimmy Ba, Ryan Kiros, Kyunghyun Cho, Aaron Courville, Ruslan Salakhutdinov,
+Richard Zemel, Yoshua Bengio, "Show, Attend and Tell: Neural Image Caption Generation with Visual
+Attention", 2015, arXiv:1502.03044 (stochastic "hard" attention). The estimator: Eric Jang,
+Shixiang Gu, Ben Poole, "Categorical Reparameterization with Gumbel-Softmax", 2016,
+arXiv:1611.01144, and Chris J. Maddison, Andriy Mnih, Yee Whye Teh, "The Concrete Distribution",
+2016, arXiv:1611.00712.
+
+Idea: soft attention returns a weighted average of all values; hard attention treats the softmax
+weights as a categorical distribution over the keys and returns the value of ONE sampled key. The
+sample is not differentiable, so Xu et al. trained it with a REINFORCE-style estimator. Here we use
+the straight-through Gumbel-softmax estimator instead: the forward pass uses the exact sample
+(Gumbel-max trick), the backward pass pretends the relaxed, differentiable Gumbel-softmax sample
+was used. At eval time there is no noise: each query takes the value of its best-scoring key.
+The score is the scaled dot product of multi-head attention, so the only change from it is the
+hard choice (Xu et al. scored with a small network; the hard sampling does not depend on that).
+
+Equations (page eq. (1)-(5)), per head:
+    e_ij   = q_i . k_j / sqrt(Dh)
+    z_i    = one_hot(argmax_j (e_ij + g_ij)),  g_ij ~ Gumbel(0, 1)   (a sample from softmax_j(e_ij))
+    y_ij   = softmax_j((e_ij + g_ij) / temperature)                   (the relaxed sample)
+    w_i    = z_i + y_i - stopgrad(y_i)        (forward: z_i; backward: d y_i)   training
+    w_i    = one_hot(argmax_j e_ij)                                            eval
+    out_i  = W_o [sum_j w_ij v_j]_heads
+
+Complexity in sequence length T: time O(T^2 * d_model) and memory O(H * T^2), like standard
+attention (the scores are computed for every pair before one is chosen).
+
+Checked against: in eval, the output equals the value at the argmax key (an index gather);
+the sample frequencies match softmax(e); as temperature -> 0 the relaxed sample y equals the hard
+one z for the same noise (tests/test_hard_attention.py). It never reduces to soft attention.
+
+Docs page: docs/mechanisms/hard_attention.md
+"""
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is a bool tensor with 4 dims broadcastable to `expected` = (B, H, Tq, Tk).
+
+    We insist on 4 dims: a 2-D (B, Tk) padding mask would otherwise broadcast silently against
+    (Tq, Tk) whenever B == Tq, and attend to the wrong keys without any error.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
+    ok = mask.dim() == 4 and all(m in (1, e) for m, e in zip(mask.shape, expected))
+    if not ok:
+        raise ValueError(
+            f"mask must have 4 dims broadcastable to (B, H, Tq, Tk) = {expected}, got shape "
+            f"{tuple(mask.shape)}; for a key-padding mask use shape (B, 1, 1, Tk) = "
+            f"({expected[0]}, 1, 1, {expected[3]})"
+        )
+
+
+def gumbel_noise(shape: Tuple[int, ...], generator: Optional[torch.Generator] = None,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Samples g ~ Gumbel(0, 1) as -log(-log(u)), u ~ Uniform(0, 1); pass a generator to reproduce them."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - torch.finfo(dtype).eps)))
+
+
+def straight_through_gumbel(scores: torch.Tensor, temperature: float, mask: Optional[torch.Tensor] = None,
+                            noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One categorical sample per row of `scores` (..., Tk): returns (hard one-hot z, relaxed sample y).
+
+    `noise` (same shape as scores) fixes the Gumbel noise; otherwise it is drawn with `generator`.
+    Masked keys (mask False) are never chosen; a row with no allowed key gives z = y = 0.
+    The caller combines them as z + y - y.detach() (eq. (4)).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    # Do the noise arithmetic in float32 or wider: bf16 would round many perturbed scores into ties.
+    work = torch.promote_types(scores.dtype, torch.float32)
+    if noise is None:
+        noise = gumbel_noise(tuple(scores.shape), generator=generator, device=scores.device, dtype=work)
+    elif noise.shape != scores.shape:
+        raise ValueError(f"noise must have the shape of the scores {tuple(scores.shape)}, got {tuple(noise.shape)}")
+    perturbed = scores.to(work) + noise.to(work)  # (B, H, Tq, Tk)  eq. (2): e + g
+    if mask is not None:
+        mask = mask.expand_as(perturbed)  # (B, H, Tq, Tk)
+        row_alive = mask.any(dim=-1, keepdim=True)  # (B, H, Tq, 1)
+        perturbed = perturbed.masked_fill(~mask, float("-inf"))  # a masked key can never win
+        perturbed = perturbed.masked_fill(~row_alive, 0.0)  # dead rows: finite, zeroed below
+    index = perturbed.argmax(dim=-1, keepdim=True)  # (B, H, Tq, 1)  eq. (2): the Gumbel-max sample
+    hard = torch.zeros_like(perturbed).scatter_(-1, index, 1.0)  # (B, H, Tq, Tk)  one-hot z
+    soft = torch.softmax(perturbed / temperature, dim=-1)  # (B, H, Tq, Tk)  eq. (3): relaxed y
+    if mask is not None:
+        hard = hard.masked_fill(~mask, 0.0)
+        soft = soft.masked_fill(~mask, 0.0)
+    return hard.to(scores.dtype), soft.to(scores.dtype)
+
+
+class HardAttention(nn.Module):
+    """Multi-head attention in which every query takes the value of one key.
+
+    Args:
+        d_model: model width; split into num_heads heads of head_dim = d_model // num_heads.
+        num_heads: number of heads; each head chooses its own key.
+        temperature: temperature of the relaxed Gumbel-softmax sample (> 0). It shapes only the
+            backward pass in training (the forward always uses the exact one-hot sample): small
+            values give a gradient closer to the hard choice but with higher variance.
+        bias: learned biases on the query, key, value and output projections.
+    """
+
+    def __init__(self, d_model: int, num_heads: int = 1, temperature: float = 1.0, bias: bool = True) -> None:
+        super().__init__()
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads != 0:
+            raise ValueError(f"d_model must be divisible by num_heads, got d_model={d_model}, num_heads={num_heads}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.temperature = float(temperature)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # W_q
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)  # W_k
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)  # W_v
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W_o
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, is_causal: bool = False, need_weights: bool = False,
+                noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Hard attention from query to key/value (self-attention when key and value are None).
+
+        Args:
+            query: (B, Tq, d_model). key: (B, Tk, d_model), defaults to query. value: defaults to key.
+            mask: bool, 4 dims broadcastable to (B, H, Tq, Tk), True = may attend.
+            is_causal: query i may only choose keys j <= i + (Tk - Tq).
+            need_weights: also return the one-hot weights actually used, (B, H, Tq, Tk).
+            noise: Gumbel noise (B, H, Tq, Tk) for the training sample (tests, reproducibility);
+                ignored in eval. generator: draws the noise when `noise` is None.
+
+        Returns:
+            (B, Tq, d_model), or (output, weights). Each weight row is one-hot (sums to 1);
+            a head with no key to choose contributes zeros, and a query with no key in any head
+            returns a zero vector (not W_o's bias).
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+        B, Tq, _ = query.shape
+        Tk, H, Dh = key.shape[1], self.num_heads, self.head_dim
+        _check_mask(mask, (B, H, Tq, Tk))
+        if is_causal:
+            # bottom-right aligned: with a KV cache, the last query is the last key
+            causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
+            mask = causal.view(1, 1, Tq, Tk) if mask is None else mask & causal  # (B|1, H|1, Tq, Tk)
+
+        q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)  # (B, H, Tq, Dh)
+        k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
+        v = self.v_proj(value).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)  # (B, H, Tq, Tk)  eq. (1)
+
+        if self.training:
+            hard, soft = straight_through_gumbel(scores, self.temperature, mask, noise, generator)  # (B, H, Tq, Tk)
+            # Straight-through, eq. (4): soft - soft.detach() is exactly 0 in the forward pass (so the
+            # forward value is the one-hot sample), but its gradient is the gradient of the soft sample.
+            weights = hard + (soft - soft.detach())  # (B, H, Tq, Tk)
+        else:
+            weights = self._argmax_weights(scores, mask)  # (B, H, Tq, Tk)  eq. (5)
+        heads = weights @ v  # (B, H, Tq, Dh)  a one-hot row picks one value vector
+        out = self.out_proj(heads.transpose(1, 2).reshape(B, Tq, H * Dh))  # (B, Tq, d_model)
+        if mask is not None:
+            # A query that no head could point anywhere returns 0, not W_o's bias.
+            dead = ~mask.expand(B, H, Tq, Tk).any(dim=-1).any(dim=1)  # (B, Tq)
+            out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        if need_weights:
+            return out, weights.detach()
+        return out
+
+    @staticmethod
+    def _argmax_weights(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Eval: the best-scoring allowed key, no noise, so the output is deterministic."""
+        if mask is not None:
+            mask = mask.expand_as(scores)  # (B, H, Tq, Tk)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        index = scores.argmax(dim=-1, keepdim=True)  # (B, H, Tq, 1)  eq. (5)
+        weights = torch.zeros_like(scores).scatter_(-1, index, 1.0)  # (B, H, Tq, Tk)
+        if mask is not None:
+            weights = weights.masked_fill(~mask, 0.0)  # a fully masked row chose a masked key: zero it
+        return weights
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.d_model:
+                raise ValueError(f"{name} must have shape (B, T, d_model={self.d_model}), got {tuple(t.shape)}")
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"key batch size must equal query batch size {query.shape[0]}, got key shape {tuple(key.shape)}"
+            )
+        if value.shape[:2] != key.shape[:2]:
+            raise ValueError(f"value must have shape (B, Tk, d_model) = {tuple(key.shape)} to match key, "
+                             f"got {tuple(value.shape)}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, T, d_model, H = 2, 6, 8, 2
+    attn = HardAttention(d_model, num_heads=H)
+    x = torch.randn(B, T, d_model)
+    attn.train()
+    out, weights = attn(x, need_weights=True)
+    print("training output shape:", tuple(out.shape), " one-hot rows:", bool((weights.sum(-1) == 1).all()))
+
+    # Checked fact: in eval, each head returns exactly the value vector of its best-scoring key.
+    attn.eval()
+    with torch.no_grad():
+        out = attn(x)
+        q = attn.q_proj(x).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, Dh)
+        k = attn.k_proj(x).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, Dh)
+        v = attn.v_proj(x).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, Dh)
+        best = (q @ k.transpose(-2, -1)).argmax(dim=-1)  # (B, H, T); the 1/sqrt(Dh) scale cannot change it
+        picked = torch.stack([v[b, h, best[b, h]] for b in range(B) for h in range(H)])  # (B*H, T, Dh)
+        picked = picked.view(B, H, T, -1)  # (B, H, T, Dh)
+        expected = attn.out_proj(picked.transpose(1, 2).reshape(B, T, d_model))  # (B, T, d_model)
+    diff = (out - expected).abs().max().item()
+    print(f"eval: max |output - W_o(value at argmax key)| = {diff:.2e}")
+    assert diff < 1e-5

@@ -1,0 +1,279 @@
+"""Multiplicative attention (Luong attention): dot, general and concat scores; global and local-p alignment.
+
+Paper: Minh-Thang Luong, Hieu Pham, Christopher D. Manning, "Effective Approaches to
+Attention-based Neural Machine Translation", 2015, arXiv:1508.04025.
+
+Idea: score a query h_t (the decoder state) against every key h_s (an encoder state) with a cheap
+product instead of Bahdanau's small network: the plain dot product, a "general" bilinear form
+through a learned matrix, or a "concat" network like Bahdanau's. Global attention takes a softmax
+over all keys. Local-p attention first predicts a source position p_t from the query, keeps only
+the keys within D of it, and multiplies their softmax weights by a Gaussian centred on p_t, so each
+query looks at a small neighbourhood that it chooses itself.
+
+Equations (page eq. (1)-(7)):
+    dot:      score(h_t, h_s) = h_t^T h_s
+    general:  score(h_t, h_s) = (W_a h_t + b_a)^T h_s
+    concat:   score(h_t, h_s) = v_a^T tanh(W_q h_t + W_k h_s + b_a)
+    global:   a_t(s) = softmax_s(score(h_t, h_s))                            c_t = sum_s a_t(s) value_s
+    local-p:  p_t = S * sigmoid(v_p^T tanh(W_p h_t))
+              a_t(s) = softmax_{s : |s - p_t| <= D}(score) * exp(-(s - p_t)^2 / (2 sigma^2)),  sigma = D / 2
+
+Complexity in the query length Tq and key length Tk: dot / general time O(Tq * Tk * D), memory
+O(Tq * Tk); concat memory O(Tq * Tk * Hd) (one hidden vector per pair). Local-p here computes the
+scores for all keys and then masks outside the window, so it costs the same as global; the paper's
+saving (only 2D + 1 keys per query) would need a gather of the window.
+
+Reduces to / checked against: dot equals scaled dot-product attention with scale 1; general with
+W_a = I and no bias equals dot; local-p with a huge window D (and so a huge sigma) equals global;
+concat equals an explicit loop over (batch, query, key) (tests/test_multiplicative_attention.py).
+
+Docs page: docs/mechanisms/multiplicative_attention.md
+"""
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_SCORES = ("dot", "general", "concat")
+_ALIGNMENTS = ("global", "local-p")
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is a bool tensor with 4 dims broadcastable to `expected` = (B, 1, Tq, Tk).
+
+    We insist on 4 dims: a 2-D (B, Tk) padding mask would otherwise broadcast silently against
+    (Tq, Tk) whenever B == Tq, and attend to the wrong keys without any error.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
+    ok = mask.dim() == 4 and all(m in (1, e) for m, e in zip(mask.shape, expected))
+    if not ok:
+        raise ValueError(
+            f"mask must have 4 dims broadcastable to (B, 1, Tq, Tk) = {expected}, got shape "
+            f"{tuple(mask.shape)}; for a key-padding mask use shape (B, 1, 1, Tk) = "
+            f"({expected[0]}, 1, 1, {expected[3]})"
+        )
+
+
+def _masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last dim that gives masked keys weight 0 and fully masked rows all zeros.
+
+    A plain softmax over a row of -inf is 0/0 = NaN. We first give such rows finite scores (so
+    neither the forward nor the backward pass ever sees a NaN), then zero their weights.
+    """
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    mask = mask.expand_as(scores)  # (B, 1, Tq, Tk)
+    row_alive = mask.any(dim=-1, keepdim=True)  # (B, 1, Tq, 1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~row_alive, 0.0)  # dead rows: finite, uniform, zeroed below
+    weights = torch.softmax(scores, dim=-1)
+    return weights.masked_fill(~mask, 0.0)
+
+
+class LuongAttention(nn.Module):
+    """Luong attention with a choice of score function and of alignment.
+
+    Args:
+        query_dim: width Dq of the queries h_t.
+        key_dim: width Dk of the keys h_s; defaults to query_dim. "dot" needs key_dim == query_dim.
+        score: "dot" (no parameters), "general" (W_a: Dq -> Dk) or "concat" (W_q, W_k, v_a).
+        hidden_dim: hidden width Hd of the "concat" score (default query_dim); only for "concat".
+        alignment: "global" (all keys) or "local-p" (predicted position, Gaussian-weighted window).
+        window: the half-width D of the local-p window, a positive int; only for "local-p".
+            sigma = D / 2 as in the paper.
+        bias: add a learned bias b_a to the "general" or "concat" score (the paper has none);
+            not allowed with "dot", which has no parameters to attach it to.
+    """
+
+    def __init__(self, query_dim: int, key_dim: Optional[int] = None, score: str = "dot",
+                 hidden_dim: Optional[int] = None, alignment: str = "global",
+                 window: Optional[int] = None, bias: bool = False) -> None:
+        super().__init__()
+        key_dim = query_dim if key_dim is None else key_dim
+        for name, val in (("query_dim", query_dim), ("key_dim", key_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if score not in _SCORES:
+            raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+        if alignment not in _ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {_ALIGNMENTS}, got {alignment!r}")
+        if score == "dot" and key_dim != query_dim:
+            raise ValueError(
+                f"score='dot' needs key_dim == query_dim = {query_dim}, got key_dim={key_dim}; "
+                "use score='general' or 'concat' for different widths"
+            )
+        if score == "dot" and bias:
+            raise ValueError("bias=True needs score='general' or 'concat'; score='dot' has no parameters")
+        if score != "concat" and hidden_dim is not None:
+            raise ValueError(f"hidden_dim is only used by score='concat', got hidden_dim={hidden_dim} "
+                             f"with score={score!r}")
+        if alignment == "local-p":
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ValueError(f"window (the half-width D) must be a positive int for "
+                                 f"alignment='local-p', got {window!r}")
+        elif window is not None:
+            raise ValueError(f"window is only used by alignment='local-p', got window={window} "
+                             f"with alignment={alignment!r}")
+        hidden_dim = query_dim if hidden_dim is None else hidden_dim
+        if score == "concat" and (not isinstance(hidden_dim, int) or hidden_dim < 1):
+            raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
+
+        self.query_dim, self.key_dim, self.score, self.alignment = query_dim, key_dim, score, alignment
+        self.window = window
+        if score == "general":
+            # W_a maps the query into key space. The bias sits on the query side on purpose: on the
+            # key side, (W_a h_s + b)^T h_t would add h_t^T b, the same to every key of the row,
+            # and the softmax would cancel it. Here b^T h_s differs per key, so it can matter.
+            self.query_proj = nn.Linear(query_dim, key_dim, bias=bias)  # W_a, b_a
+        elif score == "concat":
+            # W_a [h_t; h_s] is W_q h_t + W_k h_s: splitting it lets us project each side once
+            # and pair them up by broadcasting instead of concatenating Tq * Tk vectors.
+            self.query_proj = nn.Linear(query_dim, hidden_dim, bias=bias)  # W_q (left half of W_a), b_a
+            self.key_proj = nn.Linear(key_dim, hidden_dim, bias=False)  # W_k (right half of W_a)
+            self.score_proj = nn.Linear(hidden_dim, 1, bias=False)  # v_a
+        if alignment == "local-p":
+            # The position predictor of eq. (6); the paper does not give its hidden width, we use Dq.
+            self.position_proj = nn.Linear(query_dim, query_dim, bias=False)  # W_p
+            self.position_score = nn.Linear(query_dim, 1, bias=False)  # v_p
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, need_weights: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attend from every query to the keys.
+
+        Args:
+            query: (B, Tq, Dq).
+            key: (B, Tk, Dk).
+            value: (B, Tk, Dv); defaults to `key` (Luong mixes the encoder states themselves).
+            mask: bool, 4 dims broadcastable to (B, 1, Tq, Tk), True = may attend; e.g.
+                (B, 1, 1, Tk) for key padding. For local-p, S in eq. (6) is the number of keys
+                the row may attend to (the true source length of a right-padded batch).
+            need_weights: also return the weights that multiply the values.
+
+        Returns:
+            context (B, Tq, Dv), or (context, weights) with weights (B, 1, Tq, Tk). With global
+            alignment each row of weights sums to 1; with local-p the softmax inside the window
+            sums to 1 and the Gaussian then shrinks it, so the returned rows sum to less than 1
+            (eq. (7)). Rows with no key to attend to get zero context and zero weights.
+        """
+        if value is None:
+            value = key
+        self._check_inputs(query, key, value)
+        B, Tq, _ = query.shape
+        Tk = key.shape[1]
+        _check_mask(mask, (B, 1, Tq, Tk))
+
+        if self.alignment == "global" and self.score != "concat" and not need_weights:
+            return self._fused_global(query, key, value, mask)
+
+        scores = self._scores(query, key)  # (B, 1, Tq, Tk)
+        if self.alignment == "global":
+            weights = _masked_softmax(scores, mask)  # (B, 1, Tq, Tk)  eq. (4)
+        else:
+            weights = self._local_p_weights(query, scores, mask)  # (B, 1, Tq, Tk)  eq. (7)
+        context = weights.squeeze(1) @ value  # (B, Tq, Dv)  eq. (5)
+        if need_weights:
+            return context, weights
+        return context
+
+    def _scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The raw alignment scores of eq. (1)-(3), one per (query, key) pair, as (B, 1, Tq, Tk)."""
+        if self.score == "dot":
+            scores = query @ key.transpose(1, 2)  # (B, Tq, Tk)  eq. (1), no 1/sqrt(d) scaling
+        elif self.score == "general":
+            scores = self.query_proj(query) @ key.transpose(1, 2)  # (B, Tq, Tk)  eq. (2)
+        else:
+            q = self.query_proj(query)  # (B, Tq, Hd)
+            k = self.key_proj(key)  # (B, Tk, Hd)
+            hidden = torch.tanh(q.unsqueeze(2) + k.unsqueeze(1))  # (B, Tq, Tk, Hd)  eq. (3)
+            scores = self.score_proj(hidden).squeeze(-1)  # (B, Tq, Tk)  eq. (3)
+        return scores.unsqueeze(1)  # (B, 1, Tq, Tk)
+
+    def _fused_global(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Global dot / general attention through PyTorch's fused kernel (scale 1: Luong does not scale).
+
+        Same math as eq. (1)/(2), (4), (5). A row with every key masked would be 0/0 inside the
+        kernel on some backends, so such rows are let through to all keys and zeroed afterwards.
+        """
+        q = query if self.score == "dot" else self.query_proj(query)  # (B, Tq, Dk)
+        q, k, v = q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # (B, 1, T, D): one head
+        row_alive = None
+        if mask is not None:
+            row_alive = mask.any(dim=-1, keepdim=True)  # (B|1, 1, Tq|1, 1)
+            mask = mask | ~row_alive
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, 1, Tq, Dv)
+        if row_alive is not None:
+            context = context.masked_fill(~row_alive, 0.0)
+        return context.squeeze(1)  # (B, Tq, Dv)
+
+    def _local_p_weights(self, query: torch.Tensor, scores: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Local-p alignment: predict p_t, softmax inside [p_t - D, p_t + D], times a Gaussian."""
+        B, _, Tq, Tk = scores.shape
+        # Positions in float32 or wider: bf16 cannot even count to 300 exactly.
+        pos_dtype = torch.promote_types(scores.dtype, torch.float32)
+        if mask is None:
+            source_len = torch.full((B, 1, Tq, 1), float(Tk), dtype=pos_dtype, device=scores.device)  # (B, 1, Tq, 1)
+        else:
+            # S of eq. (6) per row: the number of keys this row may attend to.
+            source_len = mask.expand(B, 1, Tq, Tk).sum(dim=-1, keepdim=True).to(pos_dtype)  # (B, 1, Tq, 1)
+        gate = self.position_score(torch.tanh(self.position_proj(query)))  # (B, Tq, 1)  eq. (6)
+        p = source_len * torch.sigmoid(gate.to(pos_dtype)).unsqueeze(1)  # (B, 1, Tq, 1)  eq. (6)
+        s = torch.arange(Tk, device=scores.device, dtype=pos_dtype)  # (Tk,)  source positions 0..Tk-1
+        distance = s - p  # (B, 1, Tq, Tk)
+        allowed = distance.abs() <= self.window  # (B, 1, Tq, Tk)  the window of eq. (7)
+        if mask is not None:
+            allowed = allowed & mask
+        align = _masked_softmax(scores, allowed)  # (B, 1, Tq, Tk)  softmax over the window only
+        sigma = self.window / 2.0
+        gaussian = torch.exp(-distance.pow(2) / (2.0 * sigma * sigma))  # (B, 1, Tq, Tk)  eq. (7)
+        return (align * gaussian).to(scores.dtype)  # (B, 1, Tq, Tk)  eq. (7)
+
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        for name, t, width in (("query", query, self.query_dim), ("key", key, self.key_dim)):
+            if t.dim() != 3:
+                raise ValueError(f"{name} must have 3 dims (B, T, {width}), got shape {tuple(t.shape)}")
+            if t.shape[-1] != width:
+                raise ValueError(
+                    f"{name} last dim must be {width} (the {name}_dim given to the constructor), "
+                    f"got shape {tuple(t.shape)}"
+                )
+        if value.dim() != 3:
+            raise ValueError(f"value must have 3 dims (B, Tk, Dv), got shape {tuple(value.shape)}")
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"key batch size must equal query batch size {query.shape[0]}, got key shape {tuple(key.shape)}"
+            )
+        if value.shape[:2] != key.shape[:2]:
+            raise ValueError(
+                f"value must have shape (B, Tk, Dv) = ({key.shape[0]}, {key.shape[1]}, Dv) to match key, "
+                f"got shape {tuple(value.shape)}"
+            )
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, Tq, Tk, D = 2, 3, 7, 8
+    h_t, h_s = torch.randn(B, Tq, D), torch.randn(B, Tk, D)
+    for score in _SCORES:
+        for alignment in _ALIGNMENTS:
+            attn = LuongAttention(D, score=score, alignment=alignment,
+                                  window=2 if alignment == "local-p" else None)
+            context, weights = attn(h_t, h_s, need_weights=True)
+            print(f"{score:8s} {alignment:8s} context {tuple(context.shape)}  weights {tuple(weights.shape)}"
+                  f"  row sums {weights.sum(-1).min().item():.3f}..{weights.sum(-1).max().item():.3f}")
+
+    # Checked fact: global dot attention is softmax(h_t h_s^T) h_s, written out here with no scaling.
+    dot = LuongAttention(D, score="dot")
+    expected = torch.softmax(h_t @ h_s.transpose(1, 2), dim=-1) @ h_s  # (B, Tq, D)
+    diff = (dot(h_t, h_s) - expected).abs().max().item()
+    print(f"max |dot attention - softmax(h_t h_s^T) h_s| = {diff:.2e}")
+    assert diff < 1e-5

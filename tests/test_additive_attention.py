@@ -1,0 +1,199 @@
+"""Tests for mechanisms/additive_attention.py (Bahdanau et al. 2014).
+
+The oracle is the paper's formula evaluated one (batch, query, key) triple at a time in float64,
+with its own softmax: nothing in it shares code with the module's broadcasting path.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mechanisms.additive_attention import AdditiveAttention
+
+TOL64 = 1e-10  # float64: the loop and the broadcast differ only by summation order
+
+
+def _module(Dq=5, Dk=3, Hd=6, bias=True, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    attn = AdditiveAttention(Dq, Dk, Hd, bias=bias, dropout=dropout).double()
+    if bias:
+        with torch.no_grad():
+            attn.query_proj.bias.normal_()  # make sure the bias is far from zero
+    return attn
+
+
+def _loop_oracle(attn, s, h, value, mask):
+    """e_ij = v^T tanh(W_q s_i + b + W_k h_j); a = softmax over allowed j; c_i = sum_j a_ij value_j."""
+    W_q, W_k, v = attn.query_proj.weight, attn.key_proj.weight, attn.score_proj.weight[0]
+    b = attn.query_proj.bias if attn.query_proj.bias is not None else torch.zeros(W_q.shape[0], dtype=s.dtype)
+    B, Tq, Tk = s.shape[0], s.shape[1], h.shape[1]
+    context = torch.zeros(B, Tq, value.shape[-1], dtype=s.dtype)
+    weights = torch.zeros(B, 1, Tq, Tk, dtype=s.dtype)
+    with torch.no_grad():
+        for bi in range(B):
+            for i in range(Tq):
+                allowed = [j for j in range(Tk) if mask is None or bool(mask[bi if mask.shape[0] > 1 else 0, 0,
+                                                                              i if mask.shape[2] > 1 else 0, j])]
+                if not allowed:
+                    continue
+                e = [float(v @ torch.tanh(W_q @ s[bi, i] + b + W_k @ h[bi, j])) for j in allowed]
+                m = max(e)
+                z = sum(math.exp(x - m) for x in e)
+                for n, j in enumerate(allowed):
+                    a = math.exp(e[n] - m) / z
+                    weights[bi, 0, i, j] = a
+                    context[bi, i] += a * value[bi, j]
+    return context, weights
+
+
+def test_matches_explicit_loop_of_the_paper_formula():
+    attn = _module()
+    B, Tq, Tk = 2, 4, 6  # query and key lengths differ, and so do their widths (5 vs 3)
+    s, h = torch.randn(B, Tq, 5, dtype=torch.float64), torch.randn(B, Tk, 3, dtype=torch.float64)
+    value = torch.randn(B, Tk, 7, dtype=torch.float64)
+    mask = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    for m in (None, mask):
+        context, weights = attn(s, h, value, mask=m, need_weights=True)
+        ref_c, ref_w = _loop_oracle(attn, s, h, value, m)
+        assert torch.allclose(context, ref_c, atol=TOL64, rtol=0), f"context differs from loop by > {TOL64}"
+        assert torch.allclose(weights, ref_w, atol=TOL64, rtol=0), f"weights differ from loop by > {TOL64}"
+
+
+@pytest.mark.parametrize("Tq,Tk", [(1, 1), (1, 5), (5, 1), (3, 8)])
+def test_any_lengths_and_value_defaults_to_key(Tq, Tk):
+    attn = _module()
+    s, h = torch.randn(2, Tq, 5, dtype=torch.float64), torch.randn(2, Tk, 3, dtype=torch.float64)
+    context, weights = attn(s, h, need_weights=True)
+    assert context.shape == (2, Tq, 3) and weights.shape == (2, 1, Tq, Tk)
+    ref_c, _ = _loop_oracle(attn, s, h, h, None)
+    assert torch.allclose(context, ref_c, atol=TOL64, rtol=0)
+
+
+def test_masked_keys_get_zero_weight_and_their_values_do_not_matter():
+    attn = _module()
+    s, h = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    value = torch.randn(2, 6, 4, dtype=torch.float64)
+    mask = torch.rand(2, 1, 3, 6) > 0.4  # a different set of keys per query
+    mask[..., 0] = True  # no row fully masked here
+    _, weights = attn(s, h, value, mask=mask, need_weights=True)
+    assert (weights.masked_select(~mask) == 0).all()
+    assert (weights.masked_select(mask) > 0).all()
+    # key padding: the padded keys and values may hold anything
+    pad = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    pad[0, ..., 4:] = False
+    pad[1, ..., 2:] = False
+    h2, value2 = h.clone(), value.clone()
+    h2[~pad[:, 0, 0]] = 100 * torch.randn_like(h2[~pad[:, 0, 0]])
+    value2[~pad[:, 0, 0]] = 100 * torch.randn_like(value2[~pad[:, 0, 0]])
+    assert torch.allclose(attn(s, h, value, mask=pad), attn(s, h2, value2, mask=pad), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_row_gives_zeros_not_nan(dtype):
+    attn = _module().to(dtype)
+    s = torch.randn(2, 3, 5, dtype=dtype, requires_grad=True)
+    h = torch.randn(2, 4, 3, dtype=dtype)
+    mask = torch.ones(2, 1, 3, 4, dtype=torch.bool)
+    mask[1, 0, 2] = False  # batch 1, query 2 sees nothing
+    out, weights = attn(s, h, mask=mask, need_weights=True)
+    assert not torch.isnan(out).any() and not torch.isnan(weights).any()
+    assert (out[1, 2] == 0).all() and (weights[1, 0, 2] == 0).all()
+    out.sum().backward()
+    assert not torch.isnan(s.grad).any()
+    assert all(not torch.isnan(p.grad).any() for p in attn.parameters())
+
+
+def test_low_precision_close_to_float32():
+    attn = _module().float()
+    s, h = torch.randn(2, 3, 5), torch.randn(2, 4, 3)
+    ref = attn(s, h)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = _module().to(dtype)
+        low.load_state_dict(attn.state_dict())
+        out = low(s.to(dtype), h.to(dtype))
+        assert out.dtype == dtype
+        assert torch.allclose(out.float(), ref, atol=5e-2), f"{dtype} drifts > 5e-2 from float32"
+
+
+def test_gradcheck_float64():
+    attn = _module(Dq=3, Dk=2, Hd=4)
+    s = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)
+    assert torch.autograd.gradcheck(lambda a, b, c: attn(a, b, c, mask=mask), (s, h, value))
+
+
+def test_every_parameter_receives_a_gradient():
+    attn = _module()
+    s, h = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    attn(s, h, torch.randn(2, 4, 2, dtype=torch.float64)).pow(2).sum().backward()
+    for name, p in attn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_distinct_from_dot_product_attention_with_the_same_weights():
+    # Plain single-head attention built from the same W_q (with its bias) and W_k: softmax(q k^T / sqrt(d)) v.
+    attn = _module(Dq=4, Dk=4, Hd=4)
+    s, h = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    q, k = attn.query_proj(s), attn.key_proj(h)
+    plain = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(4), dim=-1) @ h
+    assert (attn(s, h) - plain).abs().max() > 1e-3
+
+
+def test_hidden_dim_and_bias_change_the_output():
+    s, h = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    base = _module(Hd=6)
+    other = _module(Hd=7)
+    assert (base(s, h) - other(s, h)).abs().max() > 1e-6
+    no_bias = _module(Hd=6, bias=False)
+    with torch.no_grad():
+        no_bias.query_proj.weight.copy_(base.query_proj.weight)
+        no_bias.key_proj.weight.copy_(base.key_proj.weight)
+        no_bias.score_proj.weight.copy_(base.score_proj.weight)
+    assert no_bias.query_proj.bias is None
+    assert (base(s, h) - no_bias(s, h)).abs().max() > 1e-6
+
+
+def test_dropout_acts_in_training_off_in_eval_and_weights_are_taken_before_it():
+    s, h = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    ref = _module(dropout=0.0)
+    drop = _module(dropout=0.5)
+    drop.load_state_dict(ref.state_dict())
+    drop.train()
+    torch.manual_seed(1)
+    out_train, w_train = drop(s, h, need_weights=True)
+    out_ref, w_ref = ref(s, h, need_weights=True)
+    assert (out_train - out_ref).abs().max() > 1e-6, "dropout=0.5 had no effect in training"
+    assert torch.allclose(w_train, w_ref, atol=1e-12), "returned weights must be taken before dropout"
+    assert torch.allclose(w_train.sum(-1), torch.ones(2, 1, 3, dtype=torch.float64), atol=1e-12)
+    drop.eval()
+    assert torch.equal(drop(s, h), drop(s, h))
+    assert torch.allclose(drop(s, h), out_ref, atol=1e-12)
+
+
+def test_bad_input_raises_clear_errors():
+    attn = AdditiveAttention(5, 3, 4)
+    s, h = torch.randn(2, 3, 5), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="query"):
+        attn(torch.randn(3, 5), h)  # wrong rank
+    with pytest.raises(ValueError, match="query"):
+        attn(torch.randn(2, 3, 4), h)  # wrong query width
+    with pytest.raises(ValueError, match="key"):
+        attn(s, torch.randn(2, 4, 5))  # wrong key width
+    with pytest.raises(ValueError, match="key batch"):
+        attn(s, torch.randn(3, 4, 3))
+    with pytest.raises(ValueError, match="value"):
+        attn(s, h, torch.randn(2, 5, 3))  # value length differs from key length
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(s, h, mask=torch.ones(2, 4, dtype=torch.bool))  # (B, Tk) key padding without the 1s
+    with pytest.raises(ValueError, match="mask"):
+        attn(s, h, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool))  # Tk wrong
+    with pytest.raises(TypeError, match="mask"):
+        attn(s, h, mask=torch.ones(2, 1, 1, 4))  # float mask
+    with pytest.raises(ValueError, match="hidden_dim"):
+        AdditiveAttention(5, 3, 0)
+    with pytest.raises(ValueError, match="dropout"):
+        AdditiveAttention(5, 3, 4, dropout=1.5)
