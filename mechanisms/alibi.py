@@ -1,0 +1,218 @@
+"""ALiBi: attention with linear biases instead of position embeddings.
+
+Paper: Ofir Press, Noah A. Smith, Mike Lewis (2021), "Train Short, Test Long: Attention with Linear
+Biases Enables Input Length Extrapolation", arXiv:2108.12409.
+
+Idea: add no position vectors at all. Instead, each head h subtracts from every query-key score a
+penalty proportional to their distance, m_h * (i - j), with a fixed, head-specific slope m_h. Heads with
+large slopes look only at recent tokens, heads with small slopes look far back; the penalty is defined
+for any distance, which lets a model trained on short sequences run on longer ones.
+
+Equations (page eq. (1)-(4)):
+    slopes, n heads a power of two:  m_h = 2^(-8h/n),  h = 1..n    (geometric, start = ratio = 2^(-8/n))
+    other n: the n' = 2^floor(log2 n) slopes of n', then the slopes 1, 3, 5, ... of 2n', n - n' of them
+    bias  B_h(i, j) = -m_h * (i - j)   for a causal model (j <= i);  -m_h * |i - j| when not causal
+    s_ij = q_i . k_j / sqrt(Dh) + B_h(i, j),   alpha = softmax_j(s),   o_i = sum_j alpha_ij v_j
+
+Complexity in sequence length T: O(T^2) time; memory O(T^2) for the bias (and the scores on the
+explicit path), like standard attention. No parameters are added; the slopes are fixed.
+
+Reduces to: plain multi-head attention when every slope is zero; the slopes are checked against the
+paper's rule and the bias against B(i, j) depending only on i - j. Tests: tests/test_alibi.py.
+
+Docs page: docs/mechanisms/alibi.md
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The head slopes m_1..m_n of the paper, as a float32 tensor (num_heads,)."""
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+    def power_of_two(n):
+        # eq. (1): a geometric sequence whose first term and ratio are both 2^(-8/n)
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    n_low = 2 ** int(math.floor(math.log2(num_heads)))   # largest power of two <= num_heads
+    slopes = power_of_two(n_low)
+    if n_low < num_heads:
+        # eq. (2): the paper's rule for other head counts: take the odd-numbered slopes (1st, 3rd, ...)
+        # of the 2 * n_low sequence; they fall between the ones already taken.
+        slopes += power_of_two(2 * n_low)[0::2][: num_heads - n_low]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(num_heads: int, Tq: int, Tk: int, causal: bool = True, device=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bias B_h(i, j) of eq. (3), shape (num_heads, Tq, Tk).
+
+    Queries are the last Tq of the Tk key positions (query i is at position i + Tk - Tq), the alignment
+    of a KV cache. causal=True gives -m_h * (i - j), the paper's bias (positive for keys after the query,
+    which the causal mask removes anyway); causal=False gives -m_h * |i - j|.
+    """
+    if Tq > Tk or Tq <= 0:
+        raise ValueError(f"need 0 < Tq <= Tk (queries are the last Tq of the Tk keys), got Tq={Tq}, Tk={Tk}")
+    return _linear_bias(alibi_slopes(num_heads).to(device), Tq, Tk, causal).to(dtype)  # (H, Tq, Tk)
+
+
+def _linear_bias(slopes: torch.Tensor, Tq: int, Tk: int, causal: bool) -> torch.Tensor:
+    """eq. (3) for the given slopes (H,), in float32 whatever the model dtype: (H, Tq, Tk)."""
+    i = torch.arange(Tk - Tq, Tk, device=slopes.device, dtype=torch.float32).view(Tq, 1)
+    j = torch.arange(Tk, device=slopes.device, dtype=torch.float32).view(1, Tk)
+    distance = i - j if causal else (i - j).abs()                      # (Tq, Tk)
+    return -slopes.float().view(-1, 1, 1) * distance                   # (H, Tq, Tk), eq. (3)
+
+
+class ALiBiAttention(nn.Module):
+    """Multi-head attention with the linear biases of eq. (3)-(4) and no position embeddings.
+
+    Args: d_model, num_heads, dropout, bias as in multi-head attention. The slopes are a fixed buffer
+    `slopes` (num_heads,), not a parameter (the paper found learning them did not help).
+
+    forward(query, key=None, value=None, mask=None, is_causal=True, need_weights=False)
+        is_causal defaults to True because ALiBi was defined for causal language models; with
+        is_causal=False the bias is the symmetric -m_h |i - j| (an extension, not in the paper).
+        query (B, Tq, d_model); key, value (B, Tk, d_model), default to query; queries are the last
+        Tq of the Tk key tokens. mask: bool, True = may attend, broadcastable to (B, H, Tq, Tk).
+        Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) before dropout).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
+            raise ValueError(f"num_heads must be positive and divide d_model; got d_model={d_model}, "
+                             f"num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Fixed, so not saved in the state dict (persistent=False): it is rebuilt from num_heads.
+        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)  # (H,)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None,
+                value: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                is_causal: bool = True, need_weights: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_inputs(query, key, value, self.d_model)
+        B, Tq, _ = query.shape
+        Tk = key.shape[1]
+        if Tq > Tk:
+            raise ValueError(f"query is longer than key: queries are the last Tq of the Tk key tokens, "
+                             f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
+        H, Dh = self.num_heads, self.head_dim
+        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (B|1, H|1, Tq, Tk) or None
+
+        q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
+        k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)         # (B, H, Tk, Dh)
+        v = self.v_proj(value).view(B, Tk, H, Dh).transpose(1, 2)       # (B, H, Tk, Dh)
+
+        # eq. (3), from the buffer, so that a user may inspect or change the slopes.
+        bias = _linear_bias(self.slopes, Tq, Tk, is_causal)              # (H, Tq, Tk)
+
+        p = self.dropout if self.training else 0.0
+        out, weights = _attend(q, k, v, allowed, bias.to(q.dtype), 1.0 / math.sqrt(Dh), p,
+                               need_weights)                             # eq. (4); (B, H, Tq, Dh)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d_model)
+        return (out, weights) if need_weights else out
+
+
+# ---------------------------------------------------------------- private helpers
+def _check_inputs(query, key, value, d_model):
+    if query.dim() != 3:
+        raise ValueError(f"query must have shape (B, Tq, d_model) = (B, Tq, {d_model}), got {tuple(query.shape)}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dim() != 3 or x.shape[-1] != d_model:
+            raise ValueError(f"{name} must have shape (B, T, d_model) with d_model={d_model}, got {tuple(x.shape)}")
+        if x.shape[0] != query.shape[0]:
+            raise ValueError(f"batch size of {name} {tuple(x.shape)} does not match query {tuple(query.shape)}; "
+                             f"expected ({query.shape[0]}, T, {d_model})")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)} and "
+                         f"value {tuple(value.shape)}")
+
+
+def _allowed(mask, is_causal, B, H, Tq, Tk, device):
+    """Combine the user's bool mask and the causal mask into one bool (.., Tq, Tk), or None."""
+    allowed = None
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        expected = (B, H, Tq, Tk)
+        if mask.dim() != 4 or any(m not in (1, e) for m, e in zip(mask.shape, expected)):
+            raise ValueError(f"mask must be broadcastable to (B, H, Tq, Tk) = {expected} with 4 dims, "
+                             f"e.g. (B, 1, 1, Tk) = ({B}, 1, 1, {Tk}) for key padding; got {tuple(mask.shape)}")
+        allowed = mask
+    if is_causal:
+        # Bottom-right aligned: query i is token Tk - Tq + i of the key sequence (KV-cache convention).
+        i = torch.arange(Tq, device=device).view(Tq, 1)
+        j = torch.arange(Tk, device=device).view(1, Tk)
+        causal = j <= i + (Tk - Tq)                                      # (Tq, Tk)
+        allowed = causal if allowed is None else allowed & causal        # (B|1, H|1, Tq, Tk)
+    return allowed
+
+
+def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
+    """softmax(q k^T * scale + bias) v over the allowed keys; a query with no allowed key gives zeros.
+
+    q (B, H, Tq, Dh), k and v (B, H, Tk, Dh); allowed: bool broadcastable to (B, H, Tq, Tk) or None;
+    bias: float broadcastable to (B, H, Tq, Tk) or None. Fused kernel unless need_weights.
+    """
+    row_any = None
+    if allowed is not None:
+        # A row with no allowed key would be -inf everywhere (NaN after softmax, in the forward and the
+        # backward pass). Let such rows see every key, then multiply their result by zero.
+        row_any = allowed.any(dim=-1, keepdim=True)                      # (.., Tq, 1)
+        allowed = allowed | ~row_any                                     # (.., Tq, Tk)
+    weights = None
+    if need_weights:
+        scores = (q @ k.transpose(-1, -2)) * scale                       # (B, H, Tq, Tk)
+        if bias is not None:
+            scores = scores + bias
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)                          # (B, H, Tq, Tk)
+        if row_any is not None:
+            weights = weights * row_any
+        dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+        out = dropped @ v                                                # (B, H, Tq, Dh)
+    else:
+        attn_mask = allowed
+        if bias is not None:
+            attn_mask = bias.to(q.dtype)
+            if allowed is not None:
+                attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))  # (B|1, H, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             scale=scale)                # (B, H, Tq, Dh)
+    if row_any is not None:
+        out = out * row_any
+    return out, weights
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, T, d_model, num_heads = 2, 12, 24, 6
+    attn = ALiBiAttention(d_model, num_heads).eval()
+    out = attn(torch.randn(B, T, d_model))
+    print("output shape:", tuple(out.shape))
+
+    # Checked fact: the slopes for 6 heads follow the paper's rule, written out by hand:
+    # the 4-head sequence 2^-2, 2^-4, 2^-6, 2^-8, then the 1st and 3rd of the 8-head sequence 2^-1, 2^-3.
+    expected = torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3])
+    print("slopes for 6 heads:", [round(s, 6) for s in attn.slopes.tolist()])
+    diff = (attn.slopes - expected).abs().max().item()
+    print(f"max |slopes - paper's rule| = {diff:.1e}")
+    assert diff == 0.0

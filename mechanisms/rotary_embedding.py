@@ -1,0 +1,319 @@
+"""Rotary position embedding (RoPE) and a multi-head self-attention that uses it.
+
+Paper: Jianlin Su, Yu Lu, Shengfeng Pan, Ahmed Murtadha, Bo Wen, Yunfeng Liu (2021), "RoFormer:
+Enhanced Transformer with Rotary Position Embedding", arXiv:2104.09864.
+
+Idea: instead of adding a position vector to the input, rotate each query and key. The head
+dimension is cut into Dh/2 pairs; the pair i of a vector at position m is turned by the angle
+m * theta_i. A rotation by m followed by the inverse of a rotation by n is a rotation by n - m, so the
+score between a query at m and a key at n depends on the positions only through n - m: absolute
+positions go in, relative positions come out of the dot product.
+
+Equations (page eq. (1)-(6)):
+    theta_i = base^(-2i / Dh),  i = 0 .. Dh/2 - 1
+    pair (a, b) at position m  ->  (a cos(m theta_i) - b sin(m theta_i),  a sin(m theta_i) + b cos(m theta_i))
+    interleaved pairs:  (x_0, x_1), (x_2, x_3), ...            (the RoFormer paper)
+    half-split pairs:   (x_0, x_{Dh/2}), (x_1, x_{Dh/2+1}), ... (GPT-NeoX / LLaMA code)
+    <R_m q, R_n k> = <q, R_{n-m} k>
+    s_ij = <R_{p_i} q_i, R_{p_j} k_j> / sqrt(Dh)
+The two pairings are one fixed permutation of the features apart (eq. (7)); a checkpoint trained with
+one must be run with the same one.
+
+Complexity in sequence length T: the rotation is O(T * Dh) time and memory; the attention around it
+is standard, O(T^2) time (and O(T^2) memory on the explicit path).
+
+Reduces to: plain multi-head attention when every token has the same position (all angles equal,
+the rotations cancel in eq. (5)); the rotation itself is checked against an explicit 2x2 rotation
+per pair. Tests: tests/test_rotary_embedding.py.
+
+Docs page: docs/mechanisms/rotary_embedding.md
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Turn every feature pair of x (.., T, Dh) by the angles whose cos/sin are (.., T, Dh/2)."""
+    half = x.shape[-1] // 2
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]            # (.., T, Dh/2) each, eq. (3)
+    else:
+        a, b = x[..., :half], x[..., half:]          # (.., T, Dh/2) each, eq. (4)
+    a_rot = a * cos - b * sin                        # eq. (2), first coordinate
+    b_rot = a * sin + b * cos                        # eq. (2), second coordinate
+    if interleaved:
+        return torch.stack((a_rot, b_rot), dim=-1).flatten(-2)  # (.., T, Dh), pairs back side by side
+    return torch.cat((a_rot, b_rot), dim=-1)                    # (.., T, Dh), halves back in place
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys (B, H, T, Dh) by the angles given as cos, sin of shape (T, Dh/2)
+    (or anything broadcastable to (B, H, T, Dh/2), e.g. (B, 1, T, Dh/2) for per-sequence positions),
+    as returned by RotaryEmbedding.cos_sin. `interleaved` picks the pairing, eq. (3) or (4)."""
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4 or x.shape[-1] % 2 != 0:
+            raise ValueError(f"{name} must have shape (B, H, T, Dh) with an even Dh, got {tuple(x.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q and k must share T and Dh to use one cos/sin table, got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
+    expected = (q.shape[0], 1, q.shape[2], q.shape[3] // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        try:
+            torch.broadcast_shapes(t.shape, expected)
+        except RuntimeError:
+            raise ValueError(f"{name} must be broadcastable to (B, 1, T, Dh/2) = {expected}, "
+                             f"got {tuple(t.shape)}") from None
+        if t.shape[-1] != expected[-1] or (t.dim() >= 2 and t.shape[-2] != expected[-2]):
+            raise ValueError(f"{name} must end in (T, Dh/2) = {expected[-2:]}, got {tuple(t.shape)}")
+    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+
+
+class RotaryEmbedding(nn.Module):
+    """The rotations of eq. (1)-(4) for one head dimension.
+
+    Args:
+        head_dim: Dh, the per-head width; must be even (features are rotated in pairs).
+        base: the base of the frequencies theta_i = base^(-2i/Dh) of eq. (1).
+        max_seq_len: positions must lie in [0, max_seq_len). RoPE can compute any angle, but a model
+            has only seen the positions it was trained on; the check makes extrapolation explicit.
+        interleaved: True pairs (x_0, x_1), (x_2, x_3), ... as in the RoFormer paper; False (default)
+            pairs (x_i, x_{i+Dh/2}) as in GPT-NeoX and LLaMA code.
+
+    forward(q, k, positions=None, offset=0) rotates q and k (B, H, T, Dh) that sit at the same
+    positions: `positions` (T,) or (B, T) integers, default offset + [0, 1, ..., T-1]. With a KV cache,
+    pass offset = number of cached tokens and rotate only the new tokens; cached keys stay rotated.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 4096,
+                 interleaved: bool = False):
+        super().__init__()
+        if head_dim <= 0 or head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
+        if not base > 0:
+            raise ValueError(f"base must be positive, got {base}")
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.max_seq_len = max_seq_len
+        self.interleaved = interleaved
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, base={self.base}, max_seq_len={self.max_seq_len}, "
+                f"interleaved={self.interleaved}")
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles m * theta_i, each of shape positions.shape + (Dh/2,)."""
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= self.max_seq_len):
+            raise ValueError(f"positions must lie in [0, max_seq_len) = [0, {self.max_seq_len}), got values "
+                             f"from {int(positions.min())} to {int(positions.max())}")
+        # The angles are computed in float32 (float64 for float64 inputs) whatever the model dtype:
+        # m * theta_i reaches thousands of radians, and bf16 would lose the angle entirely.
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        i = torch.arange(self.head_dim // 2, device=positions.device, dtype=work)
+        theta = self.base ** (-2.0 * i / self.head_dim)                   # (Dh/2,), eq. (1)
+        angles = positions.to(work).unsqueeze(-1) * theta                 # (.., T, Dh/2)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        if q.dim() != 4 or q.shape[-1] != self.head_dim:
+            raise ValueError(f"q must have shape (B, H, T, head_dim) with head_dim={self.head_dim}, "
+                             f"got {tuple(q.shape)}")
+        positions = _positions(positions, offset, q.shape[0], q.shape[2], q.device)
+        cos, sin = self.cos_sin(positions, q.dtype)                       # (T | B, T, Dh/2)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                 # (B, 1, T, Dh/2)
+        return apply_rotary(q, k, cos, sin, self.interleaved)
+
+
+def _positions(positions, offset, B, T, device):
+    """Default positions offset + [0..T-1]; otherwise check that the given ones are (T,) or (B, T)."""
+    if positions is None:
+        return torch.arange(offset, offset + T, device=device)            # (T,)
+    if offset != 0:
+        raise ValueError(f"give either positions or offset, not both (offset={offset})")
+    if positions.shape not in ((T,), (B, T)):
+        raise ValueError(f"positions must have shape (T,) = ({T},) or (B, T) = ({B}, {T}), "
+                         f"got {tuple(positions.shape)}")
+    return positions
+
+
+class RotarySelfAttention(nn.Module):
+    """Multi-head attention whose queries and keys are rotated by RoPE before the dot product, eq. (6).
+
+    Args: d_model, num_heads, dropout, bias as in multi-head attention; base, max_seq_len and
+    interleaved are passed to RotaryEmbedding.
+
+    forward(query, key=None, value=None, mask=None, is_causal=False, need_weights=False, positions=None)
+        query (B, Tq, d_model); key, value (B, Tk, d_model), default to query.
+        positions: integer positions of the Tk key tokens, (Tk,) or (B, Tk), default [0..Tk-1]. The
+            queries are the last Tq of those tokens (positions[..., -Tq:]), the same bottom-right
+            alignment as is_causal: with a KV cache, key = cached + new tokens, query = new tokens.
+        mask: bool, True = may attend, broadcastable to (B, H, Tq, Tk).
+        Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) before dropout).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 base: float = 10000.0, max_seq_len: int = 4096, interleaved: bool = False):
+        super().__init__()
+        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
+            raise ValueError(f"num_heads must be positive and divide d_model; got d_model={d_model}, "
+                             f"num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, base, max_seq_len, interleaved)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None,
+                value: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, need_weights: bool = False,
+                positions: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_inputs(query, key, value, self.d_model)
+        B, Tq, _ = query.shape
+        Tk = key.shape[1]
+        if Tq > Tk:
+            raise ValueError(f"query is longer than key: queries are the last Tq of the Tk key tokens, "
+                             f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
+        H, Dh = self.num_heads, self.head_dim
+        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (B|1, H|1, Tq, Tk) or None
+
+        q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
+        k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)         # (B, H, Tk, Dh)
+        v = self.v_proj(value).view(B, Tk, H, Dh).transpose(1, 2)       # (B, H, Tk, Dh)
+
+        k_pos = _positions(positions, 0, B, Tk, query.device)            # (Tk,) or (B, Tk)
+        q_pos = k_pos[..., Tk - Tq:]                                     # (Tq,) or (B, Tq)
+        cos_q, sin_q = self.rotary.cos_sin(q_pos, q.dtype)               # (.., Tq, Dh/2)
+        cos_k, sin_k = self.rotary.cos_sin(k_pos, k.dtype)               # (.., Tk, Dh/2)
+        if k_pos.dim() == 2:                                             # per-sequence positions
+            cos_q, sin_q = cos_q.unsqueeze(1), sin_q.unsqueeze(1)        # (B, 1, Tq, Dh/2)
+            cos_k, sin_k = cos_k.unsqueeze(1), sin_k.unsqueeze(1)        # (B, 1, Tk, Dh/2)
+        # eq. (6): rotate each query and key by its own position; values are not rotated.
+        q = _rotate(q, cos_q, sin_q, self.rotary.interleaved)            # (B, H, Tq, Dh)
+        k = _rotate(k, cos_k, sin_k, self.rotary.interleaved)            # (B, H, Tk, Dh)
+
+        p = self.dropout if self.training else 0.0
+        out, weights = _attend(q, k, v, allowed, None, 1.0 / math.sqrt(Dh), p, need_weights)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d_model)
+        return (out, weights) if need_weights else out
+
+
+# ---------------------------------------------------------------- shared private helpers
+def _check_inputs(query, key, value, d_model):
+    if query.dim() != 3:
+        raise ValueError(f"query must have shape (B, Tq, d_model) = (B, Tq, {d_model}), got {tuple(query.shape)}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dim() != 3 or x.shape[-1] != d_model:
+            raise ValueError(f"{name} must have shape (B, T, d_model) with d_model={d_model}, got {tuple(x.shape)}")
+        if x.shape[0] != query.shape[0]:
+            raise ValueError(f"batch size of {name} {tuple(x.shape)} does not match query {tuple(query.shape)}; "
+                             f"expected ({query.shape[0]}, T, {d_model})")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)} and "
+                         f"value {tuple(value.shape)}")
+
+
+def _allowed(mask, is_causal, B, H, Tq, Tk, device):
+    """Combine the user's bool mask and the causal mask into one bool (.., Tq, Tk), or None."""
+    allowed = None
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        expected = (B, H, Tq, Tk)
+        if mask.dim() != 4 or any(m not in (1, e) for m, e in zip(mask.shape, expected)):
+            raise ValueError(f"mask must be broadcastable to (B, H, Tq, Tk) = {expected} with 4 dims, "
+                             f"e.g. (B, 1, 1, Tk) = ({B}, 1, 1, {Tk}) for key padding; got {tuple(mask.shape)}")
+        allowed = mask
+    if is_causal:
+        # Bottom-right aligned: query i is token Tk - Tq + i of the key sequence (KV-cache convention).
+        i = torch.arange(Tq, device=device).view(Tq, 1)
+        j = torch.arange(Tk, device=device).view(1, Tk)
+        causal = j <= i + (Tk - Tq)                                      # (Tq, Tk)
+        allowed = causal if allowed is None else allowed & causal        # (B|1, H|1, Tq, Tk)
+    return allowed
+
+
+def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
+    """softmax(q k^T * scale + bias) v over the allowed keys; a query with no allowed key gives zeros.
+
+    q (B, H, Tq, Dh), k and v (B, H, Tk, Dh); allowed: bool broadcastable to (B, H, Tq, Tk) or None;
+    bias: float broadcastable to (B, H, Tq, Tk) or None. Fused kernel unless need_weights.
+    """
+    row_any = None
+    if allowed is not None:
+        # A row with no allowed key would be -inf everywhere (NaN after softmax, in the forward and the
+        # backward pass). Let such rows see every key, then multiply their result by zero.
+        row_any = allowed.any(dim=-1, keepdim=True)                      # (.., Tq, 1)
+        allowed = allowed | ~row_any                                     # (.., Tq, Tk)
+    weights = None
+    if need_weights:
+        scores = (q @ k.transpose(-1, -2)) * scale                       # (B, H, Tq, Tk)
+        if bias is not None:
+            scores = scores + bias
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)                          # (B, H, Tq, Tk)
+        if row_any is not None:
+            weights = weights * row_any
+        dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+        out = dropped @ v                                                # (B, H, Tq, Dh)
+    else:
+        attn_mask = allowed
+        if bias is not None:
+            attn_mask = bias.to(q.dtype)
+            if allowed is not None:
+                attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))  # (B|1, H, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             scale=scale)                # (B, H, Tq, Dh)
+    if row_any is not None:
+        out = out * row_any
+    return out, weights
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, T, d_model, num_heads = 2, 10, 32, 4
+    attn = RotarySelfAttention(d_model, num_heads).eval()
+    x = torch.randn(B, T, d_model)
+    out = attn(x, is_causal=True)
+    print("output shape:", tuple(out.shape))
+
+    # Checked fact: <R_m q, R_n k> depends only on n - m (eq. (5)), checked with an explicit 2x2
+    # rotation per pair, written out here independently of the module.
+    rope = RotaryEmbedding(8, interleaved=True)
+
+    def rotate_by_hand(x, m):
+        y = x.clone()
+        for i in range(4):
+            ang = m * 10000.0 ** (-2 * i / 8)
+            c, s = math.cos(ang), math.sin(ang)
+            y[2 * i], y[2 * i + 1] = c * x[2 * i] - s * x[2 * i + 1], s * x[2 * i] + c * x[2 * i + 1]
+        return y
+
+    qv, kv = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    dots = [float(rotate_by_hand(qv, m) @ rotate_by_hand(kv, m + 3)) for m in (0, 5, 17)]
+    q_rot, k_rot = rope(qv.view(1, 1, 1, 8), kv.view(1, 1, 1, 8), positions=torch.tensor([5]))
+    gap = max(abs(d - dots[0]) for d in dots)
+    print(f"<R_m q, R_(m+3) k> for m = 0, 5, 17: {[round(d, 6) for d in dots]}; largest gap {gap:.1e}")
+    hand = (rotate_by_hand(qv, 5) - q_rot.flatten()).abs().max().item()
+    print(f"max |module rotation - hand rotation| = {hand:.1e}")
+    assert gap < 1e-12 and hand < 1e-12
