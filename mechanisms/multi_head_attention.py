@@ -1,0 +1,225 @@
+"""Multi-head attention: several scaled dot-product attentions side by side, each in its own subspace.
+
+Paper: Ashish Vaswani, Noam Shazeer, Niki Parmar, Jakob Uszkoreit, Llion Jones, Aidan N. Gomez,
+Lukasz Kaiser, Illia Polosukhin, "Attention Is All You Need", 2017, arXiv:1706.03762.
+
+Idea: one softmax over the keys can only form one average per query. Projecting queries, keys and values
+into H smaller subspaces of width Dh = d_model / H and attending in each separately lets a token gather
+several different things at once (a neighbour, a matching bracket, a subject); the H results are
+concatenated and mixed back to d_model by an output projection. The cost is the same as one head of
+full width.
+
+Equation:  head_h = softmax(Q_h K_h^T / sqrt(Dh) + log M) V_h,   Q_h = X_q W_h^Q,  K_h = X_k W_h^K,
+           V_h = X_v W_h^V,   out = Concat(head_1, ..., head_H) W^O   (each projection with a bias if bias=True).
+
+Complexity in sequence length (Tq queries, Tk keys, width d = d_model): time O(Tq * Tk * d) for the
+attention plus O((Tq + Tk) * d^2) for the projections; memory O(H * Tq * Tk) on the explicit path
+(need_weights=True), O((Tq + Tk) * d) on the fused path.
+
+Reduces to / oracle: it IS the standard multi-head attention that other mechanisms reduce to; checked
+against torch.nn.MultiheadAttention(batch_first=True) with copied weights, masks included
+(tests/test_multi_head_attention.py).
+
+Docs page: docs/mechanisms/multi_head_attention.md
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
+            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
+        )
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+            is_causal: bool, dropout_p: float, scale: Optional[float],
+            need_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention on (B, H, T, Dh) tensors after validation; returns (output, weights or None).
+
+    Fused kernel when the weights are not wanted, the explicit formula when they are: one answer.
+    """
+    tq, tk = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if is_causal:
+        causal = _causal_mask(tq, tk, query.device)  # (Tq, Tk)
+        mask = causal if mask is None else mask & causal  # (B, H, Tq, Tk) or (Tq, Tk)
+    row_has_key = None
+    if mask is not None:
+        # A query row with no key to attend would be softmax over all -inf = NaN. Give such rows every key
+        # (any finite answer will do), then overwrite their output with zeros.
+        row_has_key = mask.any(dim=-1, keepdim=True)  # (B, H, Tq, 1) or (Tq, 1)
+        mask = mask | ~row_has_key  # same shape as mask
+    if not need_weights:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale)  # (B, H, Tq, Dv)
+        weights = None
+    else:
+        scores = (query @ key.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk); each row sums to 1
+        # Dropout drops whole query-key links, then rescales by 1 / (1 - p) so the expectation is unchanged.
+        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+        out = dropped @ value  # (B, H, Tq, Dv)
+    if row_has_key is not None:
+        out = out.masked_fill(~row_has_key, 0.0)  # a query that may see nothing returns zeros
+        if weights is not None:
+            weights = weights.masked_fill(~row_has_key, 0.0)
+    return out, weights
+
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, batch-first: (B, Tq, d_model) queries, (B, Tk, d_model) keys and values.
+
+    Args:
+        d_model: width of the inputs and the output; must be divisible by num_heads.
+        num_heads: number of heads H; each works in head_dim = d_model // num_heads dimensions.
+        dropout: dropout probability on the attention weights, active only in training mode.
+        bias: whether the four projections (query, key, value, output) have a bias.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
+        _check_dropout(dropout)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        # Four separate d_model -> d_model maps. (nn.MultiheadAttention stores the first three stacked in one
+        # (3 d_model, d_model) matrix; the arithmetic is the same, separate maps are easier to read.)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, is_causal: bool = False, need_weights: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attend from `query` to `key`/`value` (both default to `query`: self-attention).
+
+        mask: bool, True = may attend, (Tq, Tk) or broadcastable 4-D (B, H, Tq, Tk), e.g. (B, 1, 1, Tk) padding.
+        is_causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as a KV cache needs).
+        Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) taken before dropout) with need_weights.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
+        batch, tq, _ = query.shape
+        tk = key.size(1)
+        _check_mask(mask, (batch, self.num_heads, tq, tk))
+
+        # eq. (1) projects, eq. (2) cuts the width into H slices of Dh and moves heads next to batch, so that
+        # one batched matmul runs every head at once.
+        q = self.q_proj(query).view(batch, tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, Dh)
+        k = self.k_proj(key).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
+        v = self.v_proj(value).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
+
+        dropout_p = self.dropout if self.training else 0.0  # dropout is off in eval()
+        # eq. (3) for every head at once, with the causal mask of eq. (4) when asked.
+        out, weights = _attend(q, k, v, mask, is_causal, dropout_p, None, need_weights)  # (B, H, Tq, Dh)
+        out = out.transpose(1, 2).reshape(batch, tq, self.d_model)  # (B, Tq, d_model): concatenate the heads
+        out = self.out_proj(out)  # (B, Tq, d_model)  eq. (5): mix what the heads found
+        return (out, weights) if need_weights else out
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    d_model, num_heads = 32, 4
+    mha = MultiHeadAttention(d_model, num_heads).eval()
+    x = torch.randn(2, 10, d_model)
+    out, weights = mha(x, is_causal=True, need_weights=True)
+    # Oracle inline: PyTorch's own module with the same weights (its attn_mask uses True = blocked).
+    ref = nn.MultiheadAttention(d_model, num_heads, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias]))
+        ref.out_proj.weight.copy_(mha.out_proj.weight)
+        ref.out_proj.bias.copy_(mha.out_proj.bias)
+        blocked = torch.ones(10, 10, dtype=torch.bool).triu(diagonal=1)
+        expected, _ = ref(x, x, x, attn_mask=blocked, need_weights=False)
+        diff = (out - expected).abs().max().item()
+    print(f"output shape {tuple(out.shape)}, weights shape {tuple(weights.shape)}")
+    print(f"max |MultiHeadAttention - nn.MultiheadAttention| (causal, copied weights) = {diff:.2e}")
+    assert diff < 1e-5, diff

@@ -1,0 +1,347 @@
+"""mechanisms/grouped_query_attention.py against three oracles and the KV-cache formula.
+
+Oracles: (1) with num_kv_heads = num_heads, torch.nn.MultiheadAttention with copied weights; (2) PyTorch's
+F.scaled_dot_product_attention(..., enable_gqa=True) on the module's own projections; (3) an explicit
+repeat_interleave of each key/value head to the G query heads of its group, then plain attention.
+"""
+import copy
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mechanisms.grouped_query_attention import GroupedQueryAttention, kv_cache_bytes, kv_cache_table
+
+FP64_TOL = 1e-10
+FP32_TOL = 1e-5
+D, H, HKV = 16, 4, 2
+PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "mechanisms" / "grouped_query_attention.md"
+
+
+def _model(d_model=D, num_heads=H, num_kv_heads=HKV, dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = GroupedQueryAttention(d_model, num_heads, num_kv_heads, **kwargs).to(dtype)
+    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def _inputs(b=2, tq=4, tk=6, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, tq, D, generator=g, dtype=dtype), torch.randn(b, tk, D, generator=g, dtype=dtype),
+            torch.randn(b, tk, D, generator=g, dtype=dtype))
+
+
+def _random_mask(shape, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) > 0.4
+    mask[..., 0] = True  # every query keeps a key (the oracles give NaN otherwise)
+    return mask
+
+
+def _out(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _heads(model, query, key, value):
+    """The module's projections, split into heads: q (B, H, Tq, Dh), k and v (B, H_kv, Tk, Dh)."""
+    split = lambda t, n: t.view(t.size(0), t.size(1), n, model.head_dim).transpose(1, 2)  # noqa: E731
+    return (split(model.q_proj(query), model.num_heads), split(model.k_proj(key), model.num_kv_heads),
+            split(model.v_proj(value), model.num_kv_heads))
+
+
+def _finish(model, heads):
+    """Concatenate (B, H, Tq, Dh) heads and apply the module's output projection."""
+    b, _, tq, _ = heads.shape
+    return model.out_proj(heads.transpose(1, 2).reshape(b, tq, model.d_model))
+
+
+def _repeat_interleave_oracle(model, query, key, value, allowed=None):
+    """Copy each key/value head to its G query heads, then the textbook formula; returns (out, weights)."""
+    q, k, v = _heads(model, query, key, value)
+    group = model.num_heads // model.num_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Tk, Dh)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(model.head_dim)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return _finish(model, weights @ v), weights
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)])
+def test_with_as_many_kv_heads_as_heads_it_is_torch_multihead_attention(need_weights, dtype, tol):
+    model = _model(num_kv_heads=H, dtype=dtype).eval()
+    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=dtype).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
+        ref.out_proj.weight.copy_(model.out_proj.weight)
+        ref.out_proj.bias.copy_(model.out_proj.bias)
+    q, k, v = _inputs(dtype=dtype)
+    mask = _random_mask((2, H, 4, 6))
+    expected, expected_w = ref(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6), average_attn_weights=False)
+    ours = model(q, k, v, mask=mask, need_weights=need_weights)
+    assert (_out(ours) - expected).abs().max() < tol
+    if need_weights:
+        assert (ours[1] - expected_w).abs().max() < tol
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_matches_torch_sdpa_with_enable_gqa(need_weights, num_kv_heads):
+    model = _model(num_kv_heads=num_kv_heads).eval()
+    query, key, value = _inputs()
+    mask = _random_mask((2, H, 4, 6))
+    with torch.no_grad():
+        q, k, v = _heads(model, query, key, value)
+        expected = _finish(model, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        ours = _out(model(query, key, value, mask=mask, need_weights=need_weights))
+    assert (ours - expected).abs().max() < FP64_TOL
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("tq,tk", [(5, 5), (2, 6)])
+def test_matches_the_repeat_interleave_oracle_with_causal_mask(num_kv_heads, tq, tk):
+    model = _model(num_kv_heads=num_kv_heads).eval()
+    query, key, value = _inputs(tq=tq, tk=tk)
+    allowed = torch.tensor([[j <= i + tk - tq for j in range(tk)] for i in range(tq)])  # bottom-right
+    with torch.no_grad():
+        expected, expected_w = _repeat_interleave_oracle(model, query, key, value, allowed)
+        out, weights = model(query, key, value, is_causal=True, need_weights=True)
+        fused = model(query, key, value, is_causal=True)
+    assert (out - expected).abs().max() < FP64_TOL
+    assert (weights - expected_w).abs().max() < FP64_TOL
+    assert (fused - expected).abs().max() < FP64_TOL
+
+
+def test_multi_query_attention_shares_one_key_and_value_head():
+    model = _model(num_kv_heads=1)
+    assert model.k_proj.weight.shape == (D // H, D) and model.v_proj.weight.shape == (D // H, D)
+    # With one key/value head, two query heads with the same query weights give identical weight rows.
+    with torch.no_grad():
+        model.q_proj.weight[D // H:2 * D // H] = model.q_proj.weight[:D // H]
+        model.q_proj.bias[D // H:2 * D // H] = model.q_proj.bias[:D // H]
+    _, weights = model(_inputs()[0], need_weights=True)
+    assert torch.allclose(weights[:, 0], weights[:, 1], atol=1e-12)
+    assert not torch.allclose(weights[:, 0], weights[:, 2])
+
+
+def test_distinct_from_the_multi_head_attention_it_was_pooled_from():
+    # Ainslie et al. build a GQA checkpoint from an MHA one by mean-pooling the key and value heads of each
+    # group. The pooled model is a different function: with the same query and output weights and the pooled
+    # key/value weights, its output differs from the original multi-head attention.
+    mha = _model(num_kv_heads=H).eval()
+    gqa = _model(num_kv_heads=HKV).eval()
+    dh, group = D // H, H // HKV
+    with torch.no_grad():
+        for name in ("q_proj", "out_proj"):
+            getattr(gqa, name).load_state_dict(getattr(mha, name).state_dict())
+        for name in ("k_proj", "v_proj"):
+            w = getattr(mha, name).weight.view(HKV, group, dh, D).mean(dim=1).reshape(HKV * dh, D)
+            b = getattr(mha, name).bias.view(HKV, group, dh).mean(dim=1).reshape(HKV * dh)
+            getattr(gqa, name).weight.copy_(w)
+            getattr(gqa, name).bias.copy_(b)
+    q, k, v = _inputs()
+    assert (gqa(q, k, v) - mha(q, k, v)).abs().max() > 1e-3
+    # ...whereas copying (not pooling) each kv head to the heads of its group is exact (the MHA limit case).
+    expanded = _model(num_kv_heads=H).eval()
+    with torch.no_grad():
+        for name in ("q_proj", "out_proj"):
+            getattr(expanded, name).load_state_dict(getattr(gqa, name).state_dict())
+        for name in ("k_proj", "v_proj"):
+            src = getattr(gqa, name)
+            getattr(expanded, name).weight.copy_(src.weight.view(HKV, dh, D).repeat_interleave(group, 0).reshape(D, D))
+            getattr(expanded, name).bias.copy_(src.bias.view(HKV, dh).repeat_interleave(group, 0).reshape(D))
+    assert (expanded(q, k, v) - gqa(q, k, v)).abs().max() < FP64_TOL
+
+
+def test_kv_cache_ratio_is_the_measured_ratio_of_cached_tensors():
+    x = _inputs()[0]
+    full = _model(num_kv_heads=H)
+    for num_kv_heads in (1, 2, 4):
+        model = _model(num_kv_heads=num_kv_heads)
+        cached = model.k_proj(x).numel() + model.v_proj(x).numel()  # what a decoder keeps per layer
+        assert model.kv_cache_ratio() == num_kv_heads / H
+        assert cached / (full.k_proj(x).numel() + full.v_proj(x).numel()) == model.kv_cache_ratio()
+
+
+def test_kv_cache_bytes_counts_the_bytes_of_real_cached_tensors():
+    num_layers, batch, seq_len = 3, 2, 5
+    model = _model(num_kv_heads=2, dtype=torch.bfloat16)
+    x = torch.randn(batch, seq_len, D, dtype=torch.bfloat16)
+    k, v = model.k_proj(x), model.v_proj(x)
+    real = num_layers * (k.numel() * k.element_size() + v.numel() * v.element_size())
+    assert kv_cache_bytes(num_layers, batch, seq_len, 2, D // H, bytes_per_element=2) == real
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        kv_cache_bytes(1, 1, 1, 0, 8)
+
+
+def test_kv_cache_table_follows_the_formula_and_the_page_shows_it():
+    page = PAGE.read_text(encoding="utf-8")
+    for row in kv_cache_table(seq_len=4096, batch_size=1, bytes_per_element=2):
+        assert row["ratio"] == row["num_kv_heads"] / row["num_heads"]
+        per_token_layer = 2 * row["num_kv_heads"] * row["head_dim"] * 2  # K and V, 2 bytes each
+        assert row["cache_bytes"] == row["num_layers"] * 4096 * per_token_layer
+        assert row["mha_cache_bytes"] * row["ratio"] == pytest.approx(row["cache_bytes"])
+        line = next((ln for ln in page.splitlines() if ln.startswith(f"| {row['name']} |")), None)
+        assert line is not None, f"page table has no row for {row['name']}"
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:5] == [str(row[k]) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")]
+        assert cells[5] == f"{row['ratio']:.3f}", cells
+        assert cells[6] == f"{row['cache_bytes'] / 2**30:.3f}", cells
+        assert cells[7] == f"{row['mha_cache_bytes'] / 2**30:.3f}", cells
+
+
+def test_fused_path_equals_explicit_path():
+    model = _model(dtype=torch.float32).eval()
+    q, k, v = _inputs(dtype=torch.float32)
+    mask = _random_mask((2, H, 4, 6))
+    mask[1, 2, 3] = False  # and one fully masked row
+    for kwargs in ({}, {"mask": mask}, {"is_causal": True}, {"mask": mask, "is_causal": True}):
+        fused = model(q, k, v, **kwargs)
+        assert (fused - model(q, k, v, need_weights=True, **kwargs)[0]).abs().max() < FP32_TOL, kwargs
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_masked_keys_get_zero_weight_and_their_values_do_not_matter(need_weights):
+    model = _model().eval()
+    q, k, v = _inputs()
+    mask = torch.tensor([True, False, True, True, False, True])[None, None, None, :]
+    out = _out(model(q, k, v, mask=mask, need_weights=need_weights))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, [1, 4]] = torch.randn(2, 2, D, dtype=torch.float64) * 10
+    v2[:, [1, 4]] = torch.randn(2, 2, D, dtype=torch.float64) * 10
+    assert torch.allclose(_out(model(q, k2, v2, mask=mask, need_weights=need_weights)), out, atol=1e-12)
+    _, weights = model(q, k, v, mask=mask, need_weights=True)
+    assert (weights[..., [1, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_future_tokens_do_not_change_earlier_outputs(need_weights):
+    model = _model().eval()
+    x = _inputs(tq=6)[0]
+    out = _out(model(x, is_causal=True, need_weights=need_weights))
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(2, 2, D, dtype=torch.float64)
+    out2 = _out(model(x2, is_causal=True, need_weights=need_weights))
+    assert torch.allclose(out2[:, :4], out[:, :4], atol=1e-12)
+    assert not torch.allclose(out2[:, 4:], out[:, 4:])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_row_gives_zeros_not_nan(need_weights, dtype):
+    model = _model(dtype=dtype, bias=False)  # without the output bias "zeros before W^O" is zeros after it
+    q, k, v = (t.requires_grad_() for t in _inputs(dtype=dtype))
+    mask = _random_mask((2, H, 4, 6))
+    mask[0, :, 2] = False
+    result = model(q, k, v, mask=mask, need_weights=need_weights)
+    out = _out(result)
+    assert not out.isnan().any()
+    assert (out[0, 2] == 0).all()
+    if need_weights:
+        assert (result[1][0, :, 2] == 0).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_gradcheck():
+    model = _model(d_model=D, num_heads=4, num_kv_heads=2)
+    x = torch.randn(1, 3, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: model(t, is_causal=True, need_weights=True)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: model(t, is_causal=True), (x,))
+
+
+def test_every_parameter_receives_a_nonzero_gradient():
+    model = _model()
+    q, k, v = _inputs()
+    model(q, k, v, mask=_random_mask((2, 1, 4, 6))).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_every_constructor_argument_changes_the_output():
+    base = _model().eval()
+    q, k, v = _inputs()
+    out = base(q, k, v)
+    # num_kv_heads: one kv head (the first of base's two) instead of two.
+    mqa = _model(num_kv_heads=1).eval()
+    state = base.state_dict()
+    dh = D // H
+    state.update({n: p[:dh] for n, p in state.items() if n.startswith(("k_proj", "v_proj"))})
+    mqa.load_state_dict(state)
+    assert (mqa(q, k, v) - out).abs().max() > 1e-3, "num_kv_heads"
+    # num_heads: 2 query heads and 1 kv head of width 8 have weight matrices of exactly the shapes of base's
+    # 4 query heads and 2 kv heads of width 4, so the same weights load; they are cut into heads differently.
+    two = _model(num_heads=2, num_kv_heads=1).eval()
+    two.load_state_dict(base.state_dict())
+    assert (two(q, k, v) - out).abs().max() > 1e-3, "num_heads"
+    no_bias = _model(bias=False).eval()
+    no_bias.load_state_dict({n: p for n, p in base.state_dict().items() if n.endswith("weight")})
+    assert (no_bias(q, k, v) - out).abs().max() > 1e-3, "bias"
+    dropped = _model(dropout=0.5).train()
+    torch.manual_seed(0)
+    assert (dropped(q, k, v) - out).abs().max() > 1e-3, "dropout"
+    assert _model(d_model=8, num_heads=2, num_kv_heads=1)(q[..., :8]).shape == (2, 4, 8), "d_model"
+
+
+def test_dropout_is_off_in_eval():
+    with_dropout, without = _model(dropout=0.5).eval(), _model(dropout=0.0).eval()
+    q, k, v = _inputs()
+    for need_weights in (False, True):
+        first = _out(with_dropout(q, k, v, need_weights=need_weights))
+        assert torch.equal(first, _out(with_dropout(q, k, v, need_weights=need_weights)))
+        assert torch.equal(first, _out(without(q, k, v, need_weights=need_weights)))
+
+
+def test_weights_are_taken_before_dropout_and_rows_sum_to_one():
+    model = _model(dropout=0.5)
+    q, k, v = _inputs()
+    _, clean = model.eval()(q, k, v, need_weights=True)
+    torch.manual_seed(0)
+    out_train, weights = model.train()(q, k, v, need_weights=True)
+    assert not torch.allclose(out_train, model.eval()(q, k, v)), "dropout did nothing in training"
+    assert torch.equal(weights, clean), "returned weights were changed by dropout"
+    assert weights.shape == (2, H, 4, 6)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, H, 4, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_close_to_float32(dtype):
+    model = _model(dtype=torch.float32).eval()
+    q, k, v = _inputs(dtype=torch.float32)
+    reference = model(q, k, v, is_causal=True)
+    low = copy.deepcopy(model).to(dtype)  # the same weights, rounded
+    for need_weights in (False, True):
+        out = _out(low(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, need_weights=need_weights))
+        assert out.dtype == dtype
+        assert (out.float() - reference).abs().max() < 0.1
+
+
+def test_bad_input_raises_clear_errors():
+    model = _model()
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        GroupedQueryAttention(D, 4, 3)  # 4 % 3 != 0
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        GroupedQueryAttention(D, 4, 0)
+    with pytest.raises(ValueError, match="num_heads"):
+        GroupedQueryAttention(10, 3, 1)  # d_model % num_heads != 0
+    with pytest.raises(ValueError, match="query"):
+        model(q[0])  # wrong rank
+    with pytest.raises(ValueError, match="d_model"):
+        model(q[..., :8])
+    with pytest.raises(ValueError, match="key"):
+        model(q, k[:1], v[:1])  # batch mismatch between query and key
+    with pytest.raises(ValueError, match=r"mask.*\(2, 1, 1, 6\)"):
+        model(q, k, v, mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        model(q, k, v, mask=torch.ones(2, HKV, 4, 6, dtype=torch.bool))  # kv heads, not query heads
+    with pytest.raises(TypeError, match="mask"):
+        model(q, k, v, mask=torch.ones(4, 6, dtype=torch.float32))
