@@ -64,29 +64,49 @@ def nadaraya_watson(x_query: torch.Tensor, x_train: torch.Tensor, y_train: torch
     return weights @ y_train  # (M,) or (M, Dy)  eq. (1)
 
 
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> Optional[torch.Tensor]:
-    """Validate the mask and return it as 4 dims broadcastable to `expected` = (B, H, Q, T).
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
 
-    Accepted: 4 dims broadcastable to (B, H, Q, T), the project's convention, e.g. (B, 1, 1, T);
-    and, as this module's one exception, a 2-D key-padding mask of exactly (B, T), the natural
-    input for pooling (a pooling query has no position, so a per-query mask is rarely needed).
-    Anything else raises: no silent broadcasting of a 2-D or 3-D mask.
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
     """
     if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
-    B, _, _, T = expected
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
     if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
+            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
+        )
+
+
+def _pooling_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> Optional[torch.Tensor]:
+    """Validate the mask and return it with 4 dims broadcastable to `expected` = (B, H, Q, T).
+
+    This module's one exception to the project's rule: a 2-D mask is a key-padding mask of exactly
+    (B, T), the natural input for pooling (a pooling query has no position, so a per-query (Q, T)
+    mask is rarely needed and would be ambiguous with (B, T) whenever B == Q). Every other mask goes
+    through _check_mask, the project's rule: bool, 4 dims broadcastable to (B, H, Q, T), e.g. (B, 1, 1, T).
+    """
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 2:
+        B, _, _, T = expected
         if tuple(mask.shape) != (B, T):
             raise ValueError(f"a 2-D mask must be a key-padding mask of shape (B, T) = ({B}, {T}), "
                              f"got {tuple(mask.shape)}")
-        return mask.view(B, 1, 1, T)  # (B, 1, 1, T)
-    if mask.dim() != 4 or not all(m in (1, e) for m, e in zip(mask.shape, expected)):
-        raise ValueError(f"mask must be (B, T) = ({B}, {T}) or have 4 dims broadcastable to "
-                         f"(B, H, Q, T) = {expected}, got shape {tuple(mask.shape)}")
+        mask = mask[:, None, None, :]  # (B, 1, 1, T)
+    _check_mask(mask, expected)  # dtype; 1-D and 3-D masks; the 4-D rule
     return mask
 
 
@@ -129,18 +149,20 @@ class AttentionPooling(nn.Module):
         Args:
             x: (B, T, d_model), the (padded) sequence; it supplies the keys and the values.
             mask: bool, True = a real token. Either (B, T) (key padding, this module's one
-                exception to the 4-D rule) or 4 dims broadcastable to (B, H, Q, T).
+                exception to the project's rule: here a 2-D mask is (B, T), never (Q, T)) or 4 dims
+                broadcastable to (B, H, Q, T).
             need_weights: also return the attention weights (B, H, Q, T), taken before dropout.
 
         Returns:
-            (B, Q, d_model), or (pooled, weights). A query with no real token to look at (in any
-            head) returns a zero vector: an all-padding sequence pools to 0, not to W_o's bias.
+            (B, Q, d_model), or (pooled, weights). A head with no real token to look at contributes
+            zeros before W_o, so an all-padding sequence pools to W_o's bias (zero with bias=False),
+            never NaN.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         H, Q, Dh = self.num_heads, self.num_queries, self.head_dim
-        mask = _check_mask(mask, (B, H, Q, T))
+        mask = _pooling_mask(mask, (B, H, Q, T))  # (B|1, H|1, Q|1, T) or None
 
         q = self.queries.view(Q, H, Dh).transpose(0, 1).unsqueeze(0).expand(B, H, Q, Dh)  # (B, H, Q, Dh)
         k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -165,9 +187,6 @@ class AttentionPooling(nn.Module):
         if row_alive is not None:
             heads = heads.masked_fill(~row_alive, 0.0)  # a head with nothing to see contributes 0
         pooled = self.out_proj(heads.transpose(1, 2).reshape(B, Q, H * Dh))  # (B, Q, d_model)  eq. (5)
-        if row_alive is not None:
-            dead = ~row_alive.expand(B, H, Q, 1).any(dim=1)  # (B, Q, 1): no head of this query saw a token
-            pooled = pooled.masked_fill(dead, 0.0)
         if need_weights:
             return pooled, weights
         return pooled

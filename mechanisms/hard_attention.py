@@ -42,23 +42,30 @@ import torch.nn as nn
 
 
 def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is a bool tensor with 4 dims broadcastable to `expected` = (B, H, Tq, Tk).
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
 
-    We insist on 4 dims: a 2-D (B, Tk) padding mask would otherwise broadcast silently against
-    (Tq, Tk) whenever B == Tq, and attend to the wrong keys without any error.
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
     """
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
-    ok = mask.dim() == 4 and all(m in (1, e) for m, e in zip(mask.shape, expected))
-    if not ok:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
         raise ValueError(
-            f"mask must have 4 dims broadcastable to (B, H, Tq, Tk) = {expected}, got shape "
-            f"{tuple(mask.shape)}; for a key-padding mask use shape (B, 1, 1, Tk) = "
-            f"({expected[0]}, 1, 1, {expected[3]})"
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
+            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
         )
 
 
@@ -137,7 +144,8 @@ class HardAttention(nn.Module):
 
         Args:
             query: (B, Tq, d_model). key: (B, Tk, d_model), defaults to query. value: defaults to key.
-            mask: bool, 4 dims broadcastable to (B, H, Tq, Tk), True = may attend.
+            mask: bool, True = may attend; (Tq, Tk) shared by every batch element and head, or 4 dims
+                broadcastable to (B, H, Tq, Tk), e.g. (B, 1, 1, Tk) for key padding.
             is_causal: query i may only choose keys j <= i + (Tk - Tq).
             need_weights: also return the one-hot weights actually used, (B, H, Tq, Tk).
             noise: Gumbel noise (B, H, Tq, Tk) for the training sample (tests, reproducibility);
@@ -145,8 +153,8 @@ class HardAttention(nn.Module):
 
         Returns:
             (B, Tq, d_model), or (output, weights). Each weight row is one-hot (sums to 1);
-            a head with no key to choose contributes zeros, and a query with no key in any head
-            returns a zero vector (not W_o's bias).
+            a head with no key to choose contributes zeros before W_o, so a query with no key in
+            any head returns W_o's bias (zero with bias=False), never NaN.
         """
         key = query if key is None else key
         value = key if value is None else value
@@ -157,7 +165,7 @@ class HardAttention(nn.Module):
         if is_causal:
             # bottom-right aligned: with a KV cache, the last query is the last key
             causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
-            mask = causal.view(1, 1, Tq, Tk) if mask is None else mask & causal  # (B|1, H|1, Tq, Tk)
+            mask = causal if mask is None else mask & causal  # (Tq, Tk) or (B|1, H|1, Tq, Tk)
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)  # (B, H, Tq, Dh)
         k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
@@ -173,10 +181,6 @@ class HardAttention(nn.Module):
             weights = self._argmax_weights(scores, mask)  # (B, H, Tq, Tk)  eq. (5)
         heads = weights @ v  # (B, H, Tq, Dh)  a one-hot row picks one value vector
         out = self.out_proj(heads.transpose(1, 2).reshape(B, Tq, H * Dh))  # (B, Tq, d_model)
-        if mask is not None:
-            # A query that no head could point anywhere returns 0, not W_o's bias.
-            dead = ~mask.expand(B, H, Tq, Tk).any(dim=-1).any(dim=1)  # (B, Tq)
-            out = out.masked_fill(dead.unsqueeze(-1), 0.0)
         if need_weights:
             return out, weights.detach()
         return out

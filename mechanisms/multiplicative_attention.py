@@ -41,23 +41,30 @@ _ALIGNMENTS = ("global", "local-p")
 
 
 def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is a bool tensor with 4 dims broadcastable to `expected` = (B, 1, Tq, Tk).
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
 
-    We insist on 4 dims: a 2-D (B, Tk) padding mask would otherwise broadcast silently against
-    (Tq, Tk) whenever B == Tq, and attend to the wrong keys without any error.
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
     """
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True = may attend), got {mask.dtype}")
-    ok = mask.dim() == 4 and all(m in (1, e) for m, e in zip(mask.shape, expected))
-    if not ok:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
         raise ValueError(
-            f"mask must have 4 dims broadcastable to (B, 1, Tq, Tk) = {expected}, got shape "
-            f"{tuple(mask.shape)}; for a key-padding mask use shape (B, 1, 1, Tk) = "
-            f"({expected[0]}, 1, 1, {expected[3]})"
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
+            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
         )
 
 
@@ -152,9 +159,10 @@ class LuongAttention(nn.Module):
             query: (B, Tq, Dq).
             key: (B, Tk, Dk).
             value: (B, Tk, Dv); defaults to `key` (Luong mixes the encoder states themselves).
-            mask: bool, 4 dims broadcastable to (B, 1, Tq, Tk), True = may attend; e.g.
-                (B, 1, 1, Tk) for key padding. For local-p, S in eq. (6) is the number of keys
-                the row may attend to (the true source length of a right-padded batch).
+            mask: bool, True = may attend; (Tq, Tk) shared by the whole batch, or 4 dims
+                broadcastable to (B, 1, Tq, Tk), e.g. (B, 1, 1, Tk) for key padding. For local-p,
+                S in eq. (6) is the number of keys the row may attend to (the true source length
+                of a right-padded batch).
             need_weights: also return the weights that multiply the values.
 
         Returns:
@@ -207,7 +215,7 @@ class LuongAttention(nn.Module):
         q, k, v = q.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # (B, 1, T, D): one head
         row_alive = None
         if mask is not None:
-            row_alive = mask.any(dim=-1, keepdim=True)  # (B|1, 1, Tq|1, 1)
+            row_alive = mask.any(dim=-1, keepdim=True)  # (Tq|1, 1) or (B|1, 1, Tq|1, 1)
             mask = mask | ~row_alive
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, 1, Tq, Dv)
         if row_alive is not None:

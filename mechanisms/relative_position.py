@@ -53,7 +53,8 @@ class ShawRelativeAttention(nn.Module):
         query (B, Tq, d_model); key, value (B, Tk, d_model), default to query.
         positions: integer positions of the Tk key tokens, (Tk,) or (B, Tk), default [0..Tk-1]; the
             queries are the last Tq of them (the alignment of is_causal and of a KV cache).
-        mask: bool, True = may attend, broadcastable to (B, H, Tq, Tk).
+        mask: bool, True = may attend, (Tq, Tk) or 4-D broadcastable to (B, H, Tq, Tk), e.g.
+            (B, 1, 1, Tk) for key padding; a 1-D or 3-D mask raises ValueError.
         Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) before dropout).
     There is no fused path: eq. (3) needs the weights themselves to add the a^V term.
     """
@@ -91,7 +92,7 @@ class ShawRelativeAttention(nn.Module):
         value = key if value is None else value
         B, Tq, Tk = _check_inputs(query, key, value, self.d_model)
         H, Dh, K = self.num_heads, self.head_dim, self.max_relative_position
-        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (B|1, H|1, Tq, Tk) or None
+        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (.., Tq, Tk) or None
         rel = _relative_positions(positions, B, Tq, Tk, query.device)     # (1|B, 1, Tq, Tk), j - i
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
@@ -210,7 +211,7 @@ class T5RelativeAttention(nn.Module):
         value = key if value is None else value
         B, Tq, Tk = _check_inputs(query, key, value, self.d_model)
         H, Dh = self.num_heads, self.head_dim
-        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (B|1, H|1, Tq, Tk) or None
+        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (.., Tq, Tk) or None
         rel = _relative_positions(positions, B, Tq, Tk, query.device)     # (1|B, 1, Tq, Tk)
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
@@ -266,23 +267,44 @@ def _relative_positions(positions, B, Tq, Tk, device):
     return (pos - q_pos.transpose(-1, -2)).unsqueeze(1)                  # (1|B, 1, Tq, Tk)
 
 
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
+            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
+        )
+
+
 def _allowed(mask, is_causal, B, H, Tq, Tk, device):
-    """Combine the user's bool mask and the causal mask into one bool (.., Tq, Tk), or None."""
-    allowed = None
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
-        expected = (B, H, Tq, Tk)
-        if mask.dim() != 4 or any(m not in (1, e) for m, e in zip(mask.shape, expected)):
-            raise ValueError(f"mask must be broadcastable to (B, H, Tq, Tk) = {expected} with 4 dims, "
-                             f"e.g. (B, 1, 1, Tk) = ({B}, 1, 1, {Tk}) for key padding; got {tuple(mask.shape)}")
-        allowed = mask
+    """Check the user's bool mask and combine it with the causal mask into one bool (.., Tq, Tk), or None."""
+    _check_mask(mask, (B, H, Tq, Tk))
+    allowed = mask                                                       # (Tq, Tk) or (B|1, H|1, Tq|1, Tk|1)
     if is_causal:
         # Bottom-right aligned: query i is token Tk - Tq + i of the key sequence (KV-cache convention).
         i = torch.arange(Tq, device=device).view(Tq, 1)
         j = torch.arange(Tk, device=device).view(1, Tk)
         causal = j <= i + (Tk - Tq)                                      # (Tq, Tk)
-        allowed = causal if allowed is None else allowed & causal        # (B|1, H|1, Tq, Tk)
+        allowed = causal if allowed is None else allowed & causal        # (.., Tq, Tk)
     return allowed
 
 

@@ -90,6 +90,25 @@ def test_masked_keys_get_zero_weight_and_their_values_do_not_matter():
     assert torch.allclose(attn(s, h, value, mask=pad), attn(s, h2, value2, mask=pad), atol=1e-12, rtol=0)
 
 
+def test_two_dim_mask_equals_the_same_mask_expanded_to_four_dims():
+    # A (Tq, Tk) mask is shared by the whole batch: it must act exactly like that mask written out
+    # as (B, 1, Tq, Tk), which the loop oracle reads entry by entry.
+    attn = _module()
+    s, h = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    value = torch.randn(2, 6, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1],
+                         [0, 0, 0, 0, 0, 0],  # this query sees nothing
+                         [0, 1, 1, 0, 1, 1]], dtype=torch.bool)  # (Tq, Tk) = (3, 6)
+    full = mask.expand(2, 1, 3, 6)  # (B, 1, Tq, Tk)
+    context, weights = attn(s, h, value, mask=mask, need_weights=True)
+    context4, weights4 = attn(s, h, value, mask=full, need_weights=True)
+    assert torch.allclose(context, context4, atol=TOL64, rtol=0)
+    assert torch.allclose(weights, weights4, atol=TOL64, rtol=0)
+    ref_c, ref_w = _loop_oracle(attn, s, h, value, full)
+    assert torch.allclose(context, ref_c, atol=TOL64, rtol=0) and torch.allclose(weights, ref_w, atol=TOL64, rtol=0)
+    assert (weights.masked_select(~full) == 0).all() and (context[:, 1] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_masked_row_gives_zeros_not_nan(dtype):
     attn = _module().to(dtype)
@@ -188,7 +207,13 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="value"):
         attn(s, h, torch.randn(2, 5, 3))  # value length differs from key length
     with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        attn(s, h, mask=torch.ones(2, 4, dtype=torch.bool))  # (B, Tk) key padding without the 1s
+        attn(s, h, mask=torch.ones(2, 4, dtype=torch.bool))  # (B, Tk) key padding with B != Tq: not (Tq, Tk)
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(s, h, mask=torch.ones(2, 3, 4, dtype=torch.bool))  # 3-D (B, Tq, Tk): refused, not guessed
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(s, h, mask=torch.ones(4, dtype=torch.bool))  # 1-D
+    with pytest.raises(ValueError, match="mask"):
+        attn(s, h, mask=torch.ones(4, 3, dtype=torch.bool))  # (Tk, Tq): transposed
     with pytest.raises(ValueError, match="mask"):
         attn(s, h, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool))  # Tk wrong
     with pytest.raises(TypeError, match="mask"):

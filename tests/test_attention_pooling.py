@@ -113,14 +113,20 @@ def test_permuting_the_real_tokens_changes_nothing():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_all_padding_sequence_gives_zeros_not_nan(dtype, need_weights):
-    pool = _module().to(dtype)
+@pytest.mark.parametrize("bias", [False, True])
+def test_all_padding_sequence_gives_zeros_not_nan(dtype, need_weights, bias):
+    # The project's rule: a query with nothing to see gets a zero attention output BEFORE W_o, so an
+    # all-padding sequence pools to W_o(0) = W_o's bias (exactly zero with bias=False), never NaN.
+    pool = _module(bias=bias).to(dtype)
     x, mask = _data()
     x = x.to(dtype).requires_grad_(True)
     mask[2] = False  # the third sequence is all padding
     res = pool(x, mask=mask, need_weights=need_weights)
     out = res[0] if need_weights else res
-    assert not torch.isnan(out).any() and (out[2] == 0).all()
+    expected = pool.out_proj.bias if bias else torch.zeros(8, dtype=dtype)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[2], expected.expand(2, 8))
+    assert (out[1] - expected).abs().max() > 0  # only the empty sequence collapses to the bias
     if need_weights:
         assert (res[1][2] == 0).all()
     out.sum().backward()
@@ -223,6 +229,10 @@ def test_bad_input_raises_clear_errors():
         pool(x, mask=torch.ones(6, 3, dtype=torch.bool))  # transposed key padding
     with pytest.raises(ValueError, match="mask"):
         pool(x, mask=torch.ones(3, 1, 6, dtype=torch.bool))  # 3-D: ambiguous, rejected
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        pool(x, mask=torch.ones(6, dtype=torch.bool))  # 1-D
+    with pytest.raises(ValueError, match=r"mask.*\(B, T\)"):
+        pool(x, mask=torch.ones(2, 6, dtype=torch.bool))  # (Q, T): here a 2-D mask is always (B, T)
     with pytest.raises(ValueError, match="mask"):
         pool(x, mask=torch.ones(3, 1, 3, 6, dtype=torch.bool))  # Q is 2
     with pytest.raises(TypeError, match="mask"):

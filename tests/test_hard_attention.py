@@ -155,6 +155,27 @@ def test_masked_keys_are_never_sampled_and_their_values_do_not_matter():
         assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_two_dim_mask_equals_the_same_mask_expanded_to_four_dims(training, is_causal):
+    # A (Tq, Tk) mask is shared by every batch element and head: it must act exactly like that mask
+    # written out as (B, 1, Tq, Tk), in eval (argmax) and in training (the same Gumbel noise).
+    attn = _module().train(training)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    query = x[:, 2:]  # Tq = 4 queries: the last 4 of the Tk = 6 key tokens
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1],
+                         [0, 0, 0, 0, 0, 0],  # this query sees nothing
+                         [1, 1, 0, 1, 1, 0],
+                         [0, 1, 1, 0, 1, 1]], dtype=torch.bool)  # (Tq, Tk) = (4, 6)
+    noise = gumbel_noise((2, 2, 4, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(is_causal=is_causal, need_weights=True, noise=noise)
+    out, w = attn(query, x, mask=mask, **kw)
+    out4, w4 = attn(query, x, mask=mask.expand(2, 1, 4, 6), **kw)
+    assert torch.equal(w, w4) and torch.allclose(out, out4, atol=1e-12, rtol=0)
+    assert (w.masked_select(~mask.expand_as(w)) == 0).all() and (w[:, :, 1] == 0).all()
+    assert (w.sum(-1)[:, :, [0, 2, 3]] == 1).all()  # every other row still picks exactly one key
+
+
 def test_is_causal_never_looks_ahead():
     attn = _module()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
@@ -176,13 +197,19 @@ def test_is_causal_never_looks_ahead():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_fully_masked_row_gives_zeros_not_nan(dtype, training):
-    attn = _module().to(dtype).train(training)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fully_masked_row_gives_zeros_not_nan(dtype, training, bias):
+    # The project's rule: a query with no key gets a zero attention output BEFORE W_o, so the module
+    # returns W_o(0) = W_o's bias (exactly zero with bias=False), never NaN.
+    attn = _module(bias=bias).to(dtype).train(training)
     x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
     mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
     mask[1, 0, 2] = False
     out, w = attn(x, mask=mask, need_weights=True)
-    assert not torch.isnan(out).any() and (out[1, 2] == 0).all() and (w[1, :, 2] == 0).all()
+    assert not torch.isnan(out).any() and (w[1, :, 2] == 0).all()
+    expected = attn.out_proj.bias if bias else torch.zeros(8, dtype=dtype)
+    assert torch.equal(out[1, 2], expected)
+    assert (out[1, 1] - expected).abs().max() > 0  # only the dead row collapses to the bias
     out.sum().backward()
     assert not torch.isnan(x.grad).any()
 
@@ -246,7 +273,11 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="value"):
         attn(x, x, torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        attn(x, mask=torch.ones(2, 5, dtype=torch.bool))
+        attn(x, mask=torch.ones(2, 5, dtype=torch.bool))  # (B, Tk) with B != Tq: not a (Tq, Tk) mask
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(x, mask=torch.ones(2, 5, 5, dtype=torch.bool))  # 3-D: (B, Tq, Tk) or (H, Tq, Tk)?
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(x, mask=torch.ones(5, dtype=torch.bool))  # 1-D
     with pytest.raises(ValueError, match="mask"):
         attn(x, mask=torch.ones(2, 3, 5, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask"):

@@ -196,6 +196,27 @@ def test_masked_keys_get_zero_weight_and_their_values_do_not_matter(score, align
 
 
 @pytest.mark.parametrize("score,alignment", CONFIGS)
+def test_two_dim_mask_equals_the_same_mask_expanded_to_four_dims(score, alignment):
+    # A (Tq, Tk) mask is shared by the whole batch: it must act exactly like that mask written out
+    # as (B, 1, Tq, Tk), on the fused and the explicit path (local-p also counts S from it).
+    attn = _module(score, alignment, window=3)
+    q, k, v = _data()
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1, 1],
+                         [0, 0, 0, 0, 0, 0, 0],  # this query sees nothing
+                         [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)  # (Tq, Tk) = (3, 7)
+    full = mask.expand(2, 1, 3, 7)  # (B, 1, Tq, Tk)
+    for nw in (False, True):
+        two, four = attn(q, k, v, mask=mask, need_weights=nw), attn(q, k, v, mask=full, need_weights=nw)
+        two, four = (two, four) if nw else ((two,), (four,))
+        for a, b in zip(two, four):
+            assert torch.allclose(a, b, atol=TOL64, rtol=0)
+        assert (two[0][:, 1] == 0).all()
+        assert (two[0] - attn(q, k, v)).abs().max() > 1e-3, "the mask changed nothing"
+        if nw:
+            assert (two[1].masked_select(~full) == 0).all()
+
+
+@pytest.mark.parametrize("score,alignment", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_masked_row_gives_zeros_not_nan(score, alignment, dtype):
     attn = _module(score, alignment).to(dtype)
@@ -320,7 +341,11 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="value"):
         attn(q, k, torch.randn(2, 4, 3))
     with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        attn(q, k, mask=torch.ones(2, 5, dtype=torch.bool))
+        attn(q, k, mask=torch.ones(2, 5, dtype=torch.bool))  # (B, Tk) with B != Tq: not a (Tq, Tk) mask
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(q, k, mask=torch.ones(2, 3, 5, dtype=torch.bool))  # 3-D (B, Tq, Tk): refused, not guessed
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        attn(q, k, mask=torch.ones(5, dtype=torch.bool))  # 1-D
     with pytest.raises(ValueError, match="mask"):
         attn(q, k, mask=torch.ones(2, 2, 3, 5, dtype=torch.bool))  # H must be 1
     with pytest.raises(TypeError, match="mask"):

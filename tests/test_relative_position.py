@@ -203,6 +203,29 @@ def test_masked_keys_get_zero_weight_and_do_not_matter(maker):
 
 
 @pytest.mark.parametrize("maker", [make_shaw, make_t5])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_two_dim_mask_equals_the_same_mask_expanded_to_four_dims(maker, is_causal, need_weights):
+    # A (Tq, Tk) mask is shared by every batch element and head: it must act exactly like that mask
+    # written out as (B, 1, Tq, Tk), on both paths, with and without the causal mask on top.
+    mod = maker().double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    query = x[:, 2:]  # Tq = 4 queries: the last 4 of the Tk = 6 key tokens
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1],
+                         [0, 0, 0, 0, 0, 0],  # this query sees nothing
+                         [1, 1, 0, 1, 1, 0],
+                         [0, 1, 1, 0, 1, 1]], dtype=torch.bool)  # (Tq, Tk) = (4, 6)
+    two = mod(query, x, x, mask=mask, is_causal=is_causal, need_weights=need_weights)
+    four = mod(query, x, x, mask=mask.expand(2, 1, 4, 6), is_causal=is_causal, need_weights=need_weights)
+    two, four = (two, four) if need_weights else ((two,), (four,))
+    for a, b in zip(two, four):
+        assert torch.allclose(a, b, atol=TOL64, rtol=0)
+    assert (two[0] - mod(query, x, x, is_causal=is_causal)).abs().max() > 1e-3, "the mask changed nothing"
+    if need_weights:
+        assert (two[1].masked_select(~mask.expand_as(two[1])) == 0).all()
+
+
+@pytest.mark.parametrize("maker", [make_shaw, make_t5])
 def test_causal_future_token_does_not_change_earlier_outputs(maker):
     mod = maker()
     x = torch.randn(1, 8, 8)
@@ -355,7 +378,11 @@ def test_bad_input_raises_clear_errors(maker):
     with pytest.raises(ValueError, match="num_heads"):
         maker(d_model=10, num_heads=3)
     with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        mod(x, mask=torch.ones(2, 5, dtype=torch.bool))
+        mod(x, mask=torch.ones(2, 5, dtype=torch.bool))  # (B, Tk) with B != Tq: not a (Tq, Tk) mask
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        mod(x, mask=torch.ones(2, 5, 5, dtype=torch.bool))  # 3-D: (B, Tq, Tk) or (H, Tq, Tk)?
+    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
+        mod(x, mask=torch.ones(5, dtype=torch.bool))  # 1-D
     with pytest.raises(ValueError, match="mask"):
         mod(x, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask"):
