@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Generation speed with and without the key/value cache: same model, same prompt, greedy decoding.
+
+    python examples/benchmark_generation.py                         # nanogpt-cpu sized model, 512 new tokens
+    python examples/benchmark_generation.py --checkpoint runs/char_lm/ckpt.pt
+
+Without the cache every new token re-runs the model over the whole context (T tokens: O(T) projections
+and O(T^2) attention per step); with it only the newest token is projected and attends to the stored
+keys and values (O(1) projections, O(T) attention). Both must produce exactly the same tokens; the
+script asserts it, then prints tokens/s for each and their ratio, and writes JSON.
+
+The model's context (``max_seq_length``) is made at least prompt + new tokens long, so neither path
+crops its context: cropping would make the cached path re-fill its cache every step (see
+``Transformer.generate``) and the comparison would measure something else. By default the model has the
+shape of train_char_lm.py's default preset (4 layers, 4 heads, 128 dims, rotary positions, no biases)
+with a 1024-character context and random weights (seeded): speed does not depend on what the weights
+say. ``--checkpoint`` loads a trained
+``train_char_lm.py`` model instead and widens its context if needed (a learned position table is
+extended with fresh rows; sinusoidal and rotary positions need nothing); the text past the trained context
+is then not meaningful, the timing is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformer_implementation import Transformer  # noqa: E402
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    "
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_model(args, need: int):
+    if args.checkpoint is None:
+        torch.manual_seed(args.seed)
+        vocab = "".join(chr(c) for c in range(32, 127)) + "\n"
+        model = Transformer(len(vocab), 128, 4, 4, 512, max(need, args.context), dropout=0.0,
+                            position="rotary", bias=False)
+        return model.eval(), vocab
+    if not args.checkpoint.is_file():
+        sys.exit(f"error: --checkpoint {args.checkpoint}: no such file")
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "vocab" not in ckpt:
+        sys.exit(f"error: --checkpoint {args.checkpoint}: not a checkpoint written by examples/train_char_lm.py")
+    config = dict(ckpt["model_config"])
+    state = dict(ckpt["model"])
+    old = config["max_seq_length"]
+    config["max_seq_length"] = max(old, need)
+    model = Transformer(**config)
+    if "pos.weight" in state and state["pos.weight"].shape[0] < config["max_seq_length"]:
+        fresh = model.pos.weight.detach().clone()
+        fresh[:old] = state["pos.weight"]
+        state["pos.weight"] = fresh
+    model.load_state_dict(state)
+    return model.eval(), ckpt["vocab"]
+
+
+def time_generation(model, ids, new_tokens: int, use_cache: bool):
+    t0 = time.perf_counter()
+    out = model.generate(ids, new_tokens, temperature=0.0, use_cache=use_cache)
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Greedy generation with and without the KV cache.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None, help="a train_char_lm.py checkpoint (default: random weights)")
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt-chars", type=int, default=None, metavar="N",
+                   help="use the first N characters of train_char_lm.py's default corpus as the prompt instead")
+    p.add_argument("--context", type=int, default=1024, help="max_seq_length of the default model")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path (alternating); the median counts")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmark_generation.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.new_tokens < 1:
+        p.error(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.prompt_chars is not None:
+        import train_char_lm
+        args.prompt = train_char_lm.build_stdlib_corpus(args.prompt_chars)
+    need = len(args.prompt) + args.new_tokens
+    model, vocab = build_model(args, need)
+    model.to(device)
+    stoi = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted({c for c in args.prompt if c not in stoi})
+    if unknown:
+        sys.exit(f"error: --prompt has characters outside the vocabulary: {''.join(unknown)!r}")
+    ids = torch.tensor([[stoi[c] for c in args.prompt]], dtype=torch.long, device=device)  # (1, T)
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, context {model.max_seq_length}; "
+          f"prompt {ids.shape[1]} chars + {args.new_tokens} new; {torch.get_num_threads()} threads")
+
+    time_generation(model, ids, 16, True)  # warm-up both paths
+    time_generation(model, ids, 16, False)
+    times = {"cache": [], "no_cache": []}
+    outputs = {}
+    for r in range(args.repeats):
+        for path in (("cache", "no_cache") if r % 2 == 0 else ("no_cache", "cache")):
+            dt, out = time_generation(model, ids, args.new_tokens, path == "cache")
+            times[path].append(dt)
+            outputs.setdefault(path, out)
+            print(f"  run {r + 1}/{args.repeats} {path:<9} {args.new_tokens / dt:8.1f} tokens/s", flush=True)
+    same = torch.equal(outputs["cache"], outputs["no_cache"])
+    if not same:
+        diff = (outputs["cache"] != outputs["no_cache"]).nonzero()[0, 1].item() - ids.shape[1]
+        raise AssertionError(f"cached and uncached greedy tokens differ from new token {diff} on")
+
+    result = {"machine": {"cpu": cpu_name(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "device": device,
+                          "load_average_1_5_15": list(os.getloadavg())},
+              "command": "python examples/benchmark_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": {"config": model.config, "parameters": model.num_parameters(),
+                        "checkpoint": str(args.checkpoint) if args.checkpoint else None},
+              "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "identical_tokens": same}
+    for path, ts in times.items():
+        med = statistics.median(ts)
+        result[path] = {"seconds": med, "tokens_per_s": args.new_tokens / med, "runs_s": ts}
+    result["speedup"] = result["cache"]["tokens_per_s"] / result["no_cache"]["tokens_per_s"]
+    text = "".join(vocab[i] for i in outputs["cache"][0, ids.shape[1]:].tolist())
+    result["sample_start"] = text[:120]
+
+    print(f"\n{'path':<12}{'seconds':>10}{'tokens/s':>12}")
+    for path in ("no_cache", "cache"):
+        print(f"{path:<12}{result[path]['seconds']:>10.3f}{result[path]['tokens_per_s']:>12.1f}")
+    print(f"identical greedy tokens: {same}; the cache is {result['speedup']:.1f}x faster "
+          f"at {args.new_tokens} new tokens")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

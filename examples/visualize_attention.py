@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Look inside a trained character model: every head's attention, and attention rollout.
+
+    python examples/visualize_attention.py --checkpoint runs/char_lm/ckpt.pt --prompt "def __init__(self):"
+
+Writes under ``--out`` (default: the checkpoint's folder):
+
+* ``attention_heads.png``: one heatmap per layer (rows) and head (columns), queries down, keys across,
+  over the characters of the prompt (causal, so each upper triangle is empty).
+* ``attention_rollout.png``: attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in
+  Transformers", arXiv:2005.00928) for the last position: how much each input character contributes to
+  the representation from which the next character is predicted, as bars over the prompt, plus the
+  rollout after each layer as a heat strip.
+* ``attention_layers.png``: the head-averaged attention of the last position at each layer.
+* ``attention.json``: the predicted next character, the rollout and the per-layer rows as numbers.
+
+Rollout: a residual block computes x + Attention(x), so half of each position's output is "itself". For
+every layer average the heads, A_l = mean_h W_{l,h} (T x T); add the identity for the residual and
+renormalise the rows, Â_l = (A_l + I) / rowsum; then compose the layers, R = Â_L ... Â_2 Â_1 (the first
+layer acts first, so it multiplies on the right). Row t of R spreads position t's final representation
+over the input tokens. It ignores the MLPs, the norms and the values, so it is an explanation by flow,
+not an exact attribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformer_implementation import Transformer  # noqa: E402
+
+
+def attention_rollout(weights, add_residual: bool = True) -> torch.Tensor:
+    """Rollout of per-layer attention. ``weights[l]`` is (H, T, T) or already head-averaged (T, T).
+
+    Returns the (L, T, T) stack of partial rollouts: entry l is Â_l ... Â_1, so entry -1 is R."""
+    if not weights:
+        raise ValueError("weights must hold at least one layer, got an empty list")
+    rollout, out = None, []
+    for l, w in enumerate(weights):
+        w = torch.as_tensor(w, dtype=torch.float64)
+        if w.dim() == 3:
+            w = w.mean(dim=0)  # (T, T): average the heads
+        if w.dim() != 2 or w.shape[0] != w.shape[1]:
+            raise ValueError(f"weights[{l}] must be (H, T, T) or (T, T), got {tuple(w.shape)}")
+        if add_residual:
+            w = w + torch.eye(w.shape[0], dtype=w.dtype)  # (T, T): the residual path
+        w = w / w.sum(dim=-1, keepdim=True)  # (T, T): rows sum to 1 again
+        rollout = w if rollout is None else w @ rollout  # (T, T): later layers multiply on the left
+        out.append(rollout)
+    return torch.stack(out)  # (L, T, T)
+
+
+def load_checkpoint(path: Path):
+    """Model and vocabulary from a ``train_char_lm.py`` checkpoint (one-line errors otherwise)."""
+    if not path.is_file():
+        sys.exit(f"error: --checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say so in one line
+        sys.exit(f"error: --checkpoint {path}: cannot be read as a checkpoint ({type(exc).__name__})")
+    if not isinstance(ckpt, dict) or "vocab" not in ckpt or "model_config" not in ckpt:
+        sys.exit(f"error: --checkpoint {path}: not a checkpoint written by examples/train_char_lm.py")
+    model = Transformer(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt["vocab"]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Attention heads and attention rollout of a trained char LM.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/char_lm/ckpt.pt"))
+    p.add_argument("--prompt", default="def __init__(self):\n        self.")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--prefix", default="attention", help="file name prefix of the outputs")
+    args = p.parse_args(argv)
+
+    model, vocab = load_checkpoint(args.checkpoint)
+    stoi = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted({c for c in args.prompt if c not in stoi})
+    if not args.prompt:
+        sys.exit("error: --prompt is empty")
+    if unknown:
+        sys.exit(f"error: --prompt has characters the model never saw: {''.join(unknown)!r}")
+    prompt = args.prompt
+    if len(prompt) > model.max_seq_length:
+        print(f"note: prompt cropped to its last {model.max_seq_length} characters (the model's context)")
+        prompt = prompt[-model.max_seq_length:]
+    tokens = list(prompt)
+    ids = torch.tensor([[stoi[c] for c in prompt]], dtype=torch.long)  # (1, T)
+    with torch.no_grad():
+        logits, attention = model(ids, return_attention=True)  # (1, T, V), L x (1, H, T, T)
+    per_layer = [w[0] for w in attention]  # L x (H, T, T)
+    probs = logits[0, -1].softmax(-1)  # (V,)
+    top = probs.topk(min(5, len(vocab)))
+    predictions = [(vocab[i], float(pr)) for pr, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    rollout = attention_rollout(per_layer)  # (L, T, T)
+    last = rollout[-1, -1]  # (T,): share of each input character in the last position's representation
+
+    from plotting import plot_attention_across_layers, plot_head_grid, printable_token, _save, plt
+    out = args.out or args.checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    heads_png = plot_head_grid(per_layer, tokens, out / f"{args.prefix}_heads.png",
+                               title=f"attention of every head over {prompt!r}")
+    layers_png = plot_attention_across_layers([w.mean(0) for w in per_layer], tokens,
+                                              out / f"{args.prefix}_layers.png", query_index=-1)
+
+    # Rollout figure: bars for R's last row, and beneath it the partial rollout after each layer.
+    T = len(tokens)
+    fig, (ax_bar, ax_heat) = plt.subplots(2, 1, figsize=(max(5.0, 0.24 * T + 1.5), 4.6),
+                                          gridspec_kw={"height_ratios": [2, 1]}, sharex=True)
+    ax_bar.bar(range(T), last.numpy(), color="tab:blue")
+    ax_bar.set_ylabel("rollout share")
+    nxt = ", ".join(f"{printable_token(c)!r} {pr:.2f}" for c, pr in predictions[:3])
+    ax_bar.set_title(f"attention rollout for the last position; next: {nxt}", fontsize=9)
+    ax_heat.imshow(rollout[:, -1].numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax_heat.set_yticks(range(rollout.shape[0]))
+    ax_heat.set_yticklabels([f"after layer {l}" for l in range(rollout.shape[0])], fontsize=7)
+    ax_heat.set_xticks(range(T))
+    ax_heat.set_xticklabels([printable_token(t) for t in tokens], fontsize=7)
+    fig.tight_layout()
+    rollout_png = _save(fig, out / f"{args.prefix}_rollout.png")
+
+    result = {"checkpoint": str(args.checkpoint), "prompt": prompt, "next_char_top5": predictions,
+              "rollout_last_position": [round(float(v), 6) for v in last],
+              "head_mean_last_row_per_layer": [[round(float(v), 6) for v in w.mean(0)[-1]] for w in per_layer],
+              "figures": [str(heads_png), str(rollout_png), str(layers_png)]}
+    (out / f"{args.prefix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    order = last.argsort(descending=True)[:8].tolist()
+    print("next character: " + ", ".join(f"{c!r} {pr:.3f}" for c, pr in predictions))
+    print("rollout, most influential input characters: "
+          + ", ".join(f"{tokens[i]!r}@{i} {float(last[i]):.3f}" for i in order))
+    print(f"wrote {heads_png}, {rollout_png}, {layers_png}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
