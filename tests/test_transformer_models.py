@@ -206,6 +206,17 @@ def test_generate_batch_rows_are_independent_and_top_k_1_is_greedy():
     assert model.training is True  # generate restores the mode it found
 
 
+def test_generated_ids_can_be_trained_on():
+    # generate() runs under inference_mode for speed; what it returns must still be an ordinary tensor
+    # that a training step can use (an inference tensor cannot be saved for backward).
+    model = tiny_lm()
+    out = model.generate(ids((2, 3)), max_new_tokens=4, temperature=0)
+    assert not out.is_inference()
+    _, loss = model(out, targets=out)
+    loss.backward()
+    assert model.token_embedding.weight.grad is not None
+
+
 def test_top_p_keeps_exactly_the_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log().repeat(4000, 1)
