@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,18 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformer_implementation import Transformer  # noqa: E402
+import train_char_lm  # noqa: E402
+from train_char_lm import cpu_name  # noqa: E402
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    "
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_model(args, need: int):
@@ -107,7 +98,6 @@ def main(argv=None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     if args.prompt_chars is not None:
-        import train_char_lm
         args.prompt = train_char_lm.build_stdlib_corpus(args.prompt_chars)
     need = len(args.prompt) + args.new_tokens
     model, vocab = build_model(args, need)

@@ -52,16 +52,6 @@ import transformer_implementation as core  # noqa: E402
 import train_char_lm as lm  # noqa: E402
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5) -> dict:
     """Best fp32 matmul FLOP/s over a few square sizes (the machine's practical ceiling)."""
     best = {"flops": 0.0, "size": None}
@@ -201,7 +191,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {"machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
+    results = {"machine": {"cpu": lm.cpu_name(), "logical_cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                            "python": platform.python_version(),
                            "load_average_1_5_15": list(os.getloadavg())},

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -598,6 +599,17 @@ def main(argv=None) -> dict:
     if interrupted:
         sys.exit(130)
     return results
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the benchmarks' records (Linux /proc/cpuinfo, else platform's guess)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
