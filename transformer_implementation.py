@@ -754,6 +754,15 @@ def _check_dims(embed_dim: int, num_heads: int, dropout: float, **positive) -> N
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
+def _init_arguments(init_locals: dict) -> dict:
+    """A model's constructor arguments, read from ``locals()`` at the top of its ``__init__``.
+
+    Taking them from the signature rather than listing them by hand means a new option can never be
+    left out of the saved config (and so silently reset on ``load``).
+    """
+    return {name: value for name, value in init_locals.items() if name not in ("self", "__class__")}
+
+
 class _SavableModel(nn.Module):
     """Config, parameter count, embedding and checkpoint code shared by the three models."""
 
@@ -848,9 +857,7 @@ class Transformer(_SavableModel):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
                     ff_dim=ff_dim, max_seq_length=max_seq_length)
-        self._config = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
-                            ff_dim=ff_dim, max_seq_length=max_seq_length, dropout=dropout, position=position,
-                            norm=norm, norm_first=norm_first, activation=activation, tie_weights=tie_weights, bias=bias)
+        self._config = _init_arguments(locals())  # before any other local exists
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
@@ -1032,11 +1039,7 @@ class EncoderDecoderTransformer(_SavableModel):
         _check_dims(embed_dim, num_heads, dropout, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
                     num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers, ff_dim=ff_dim,
                     max_seq_length=max_seq_length)
-        self._config = dict(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, embed_dim=embed_dim,
-                            num_heads=num_heads, num_encoder_layers=num_encoder_layers,
-                            num_decoder_layers=num_decoder_layers, ff_dim=ff_dim, max_seq_length=max_seq_length,
-                            dropout=dropout, pad_id=pad_id, position=position, norm=norm, norm_first=norm_first,
-                            activation=activation, tie_weights=tie_weights, bias=bias)
+        self._config = _init_arguments(locals())  # before any other local exists
         self.src_vocab_size = src_vocab_size
         self.tgt_vocab_size = tgt_vocab_size
         self.embed_dim = embed_dim
@@ -1216,10 +1219,7 @@ class EncoderTransformer(_SavableModel):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
                     ff_dim=ff_dim, max_seq_length=max_seq_length)
-        self._config = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers,
-                            ff_dim=ff_dim, max_seq_length=max_seq_length, dropout=dropout, pad_id=pad_id,
-                            position=position, norm=norm, norm_first=norm_first, activation=activation,
-                            tie_weights=tie_weights, bias=bias)
+        self._config = _init_arguments(locals())  # before any other local exists
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
