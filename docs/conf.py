@@ -27,6 +27,9 @@ html_short_title = "Attention, Annotated"
 extensions = [
     "myst_parser",  # the pages are MyST Markdown
     "sphinx.ext.mathjax",  # display math rendered in the browser
+    # Serves MathJax 3 from the build output (_static/mathjax/) instead of a public CDN, so the math
+    # typesets on a machine with no network; it comes from the `sphinx-mathjax-offline` package.
+    "sphinx-mathjax-offline",
     "sphinx.ext.autodoc",  # docs/api.md: the core's docstrings
     "sphinx.ext.napoleon",  # Google/NumPy "Args:" / "Returns:" sections in those docstrings
     "sphinx.ext.viewcode",  # "[source]" links from the API page to highlighted code

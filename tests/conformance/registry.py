@@ -80,7 +80,8 @@ def bias_row(attribute: str = "out_proj"):
 
 @dataclasses.dataclass
 class Entry:
-    name: str                                   # "<stem>.<PublicName>", e.g. "grouped_query_attention.GroupedQueryAttention"
+    name: str                                   # "<stem>.<PublicName>", e.g. "grouped_query_attention.GroupedQueryAttention";
+                                                # several configurations of one name: "<stem>.<Name>[<config>]"
     build: Callable[..., nn.Module]             # build(**overrides) -> a small module in float32; must accept
                                                 # dropout=p when `dropout` is True. Called after torch.manual_seed.
     d_model: int                                # width of the query input
@@ -116,6 +117,11 @@ class Entry:
     @property
     def stem(self) -> str:
         return self.name.split(".", 1)[0]
+
+    @property
+    def public_name(self) -> str:
+        """The class or function the entry covers: "<stem>.Name[configuration]" -> "Name"."""
+        return self.name.split(".", 1)[1].split("[", 1)[0]
 
 
 ENTRIES_DIR = pathlib.Path(__file__).resolve().parent / "entries"
