@@ -31,34 +31,6 @@ import torch
 import torch.nn as nn
 
 
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
 def _masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Softmax over the last dim that gives masked keys weight 0 and fully masked rows all zeros.
 
@@ -90,10 +62,8 @@ class AdditiveAttention(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         for name, val in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden_dim", hidden_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            _check_positive_int(val, name)
+        _check_dropout(dropout)
         self.query_dim = query_dim
         self.key_dim = key_dim
         self.hidden_dim = hidden_dim
@@ -107,8 +77,8 @@ class AdditiveAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, need_weights: bool = False
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attend from every query to every key.
 
         Args:
@@ -116,7 +86,9 @@ class AdditiveAttention(nn.Module):
             key: (B, Tk, Dk).
             value: (B, Tk, Dv); defaults to `key` (Bahdanau's context is a mix of encoder states).
             mask: bool, True = may attend; (Tq, Tk) shared by the whole batch, or 4 dims
-                broadcastable to (B, 1, Tq, Tk), e.g. (B, 1, 1, Tk) for key padding.
+                broadcastable to (B, 1, Tq, Tk).
+            key_padding_mask: bool (B, Tk), True = a real key (e.g. a real source token); padding
+                keys get weight 0. Combined with `mask` by a logical AND.
             need_weights: also return the attention weights (taken before dropout).
 
         Returns:
@@ -129,6 +101,8 @@ class AdditiveAttention(nn.Module):
         B, Tq, _ = query.shape
         Tk = key.shape[1]
         _check_mask(mask, (B, 1, Tq, Tk))
+        _check_key_padding_mask(key_padding_mask, B, Tk)
+        mask = _merge_masks(mask, key_padding_mask, False, Tq, Tk, query.device)  # (Tq, Tk) or 4-D, or None
 
         # Project each side once, then pair them up by broadcasting: this is what lets any Tq meet
         # any Tk without a Python loop over the pairs.
@@ -145,28 +119,18 @@ class AdditiveAttention(nn.Module):
         return context
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        for name, t, width in (("query", query, self.query_dim), ("key", key, self.key_dim)):
-            if t.dim() != 3:
-                raise ValueError(f"{name} must have 3 dims (B, T, {width}), got shape {tuple(t.shape)}")
-            if t.shape[-1] != width:
-                raise ValueError(
-                    f"{name} last dim must be {width} (the {name}_dim given to the constructor), "
-                    f"got shape {tuple(t.shape)}"
-                )
-        if value.dim() != 3:
-            raise ValueError(f"value must have 3 dims (B, Tk, Dv), got shape {tuple(value.shape)}")
-        if key.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"key batch size must equal query batch size {query.shape[0]}, got key shape {tuple(key.shape)}"
-            )
-        if value.shape[:2] != key.shape[:2]:
-            raise ValueError(
-                f"value must have shape (B, Tk, Dv) = ({key.shape[0]}, {key.shape[1]}, Dv) to match key, "
-                f"got shape {tuple(value.shape)}"
-            )
+        _check_sequence(query, "query", self.query_dim, "query_dim")
+        _check_sequence(key, "key", self.key_dim, "key_dim")
+        if not isinstance(value, torch.Tensor) or value.dim() != 3:  # any width Dv: the values are only averaged
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"value must have 3 dims (B, Tk, Dv), got {got}")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """Demo of `python mechanisms/additive_attention.py`; the guard at the end of the file calls it."""
     torch.manual_seed(0)
     B, Tq, Tk, Dq, Dk, Hd = 2, 3, 5, 6, 4, 8
     attn = AdditiveAttention(query_dim=Dq, key_dim=Dk, hidden_dim=Hd).double()
@@ -189,3 +153,111 @@ if __name__ == "__main__":
                 worst = max(worst, (c - context[bi, i]).abs().max().item())
     print(f"max |context - explicit loop of the paper's formula| = {worst:.2e}")
     assert worst < 1e-12
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

@@ -75,22 +75,22 @@ class ALiBiAttention(nn.Module):
     Args: d_model, num_heads, dropout, bias as in multi-head attention. The slopes are a fixed buffer
     `slopes` (num_heads,), not a parameter (the paper found learning them did not help).
 
-    forward(query, key=None, value=None, mask=None, is_causal=True, need_weights=False)
+    forward(query, key=None, value=None, mask=None, key_padding_mask=None, is_causal=True, need_weights=False)
         is_causal defaults to True because ALiBi was defined for causal language models; with
         is_causal=False the bias is the symmetric -m_h |i - j| (an extension, not in the paper).
         query (B, Tq, d_model); key, value (B, Tk, d_model), default to query; queries are the last
         Tq of the Tk key tokens. mask: bool, True = may attend, (Tq, Tk) or 4-D broadcastable to
-        (B, H, Tq, Tk), e.g. (B, 1, 1, Tk) for key padding; a 1-D or 3-D mask raises ValueError.
+        (B, H, Tq, Tk); a 1-D or 3-D mask raises ValueError. key_padding_mask: bool (B, Tk), True = a
+        real key. mask, key_padding_mask and the causal mask are combined by a logical AND.
         Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) before dropout).
     """
 
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
-            raise ValueError(f"num_heads must be positive and divide d_model; got d_model={d_model}, "
-                             f"num_heads={num_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
+        _check_dropout(dropout)
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
@@ -104,18 +104,27 @@ class ALiBiAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None,
                 value: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                is_causal: bool = True, need_weights: bool = False
+                key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = True,
+                need_weights: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         key = query if key is None else key
         value = key if value is None else value
-        _check_inputs(query, key, value, self.d_model)
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
         B, Tq, _ = query.shape
         Tk = key.shape[1]
         if Tq > Tk:
             raise ValueError(f"query is longer than key: queries are the last Tq of the Tk key tokens, "
                              f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
         H, Dh = self.num_heads, self.head_dim
-        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (.., Tq, Tk) or None
+        _check_mask(mask, (B, H, Tq, Tk))
+        _check_key_padding_mask(key_padding_mask, B, Tk)
+        # Bottom-right aligned causal mask: query i is token Tk - Tq + i of the key sequence (KV cache).
+        allowed = _merge_masks(mask, key_padding_mask, is_causal, Tq, Tk, query.device)  # (.., Tq, Tk) or None
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
         k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)         # (B, H, Tk, Dh)
@@ -129,62 +138,6 @@ class ALiBiAttention(nn.Module):
                                need_weights)                             # eq. (4); (B, H, Tq, Dh)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d_model)
         return (out, weights) if need_weights else out
-
-
-# ---------------------------------------------------------------- private helpers
-def _check_inputs(query, key, value, d_model):
-    if query.dim() != 3:
-        raise ValueError(f"query must have shape (B, Tq, d_model) = (B, Tq, {d_model}), got {tuple(query.shape)}")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dim() != 3 or x.shape[-1] != d_model:
-            raise ValueError(f"{name} must have shape (B, T, d_model) with d_model={d_model}, got {tuple(x.shape)}")
-        if x.shape[0] != query.shape[0]:
-            raise ValueError(f"batch size of {name} {tuple(x.shape)} does not match query {tuple(query.shape)}; "
-                             f"expected ({query.shape[0]}, T, {d_model})")
-    if key.shape[1] != value.shape[1]:
-        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)} and "
-                         f"value {tuple(value.shape)}")
-
-
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
-def _allowed(mask, is_causal, B, H, Tq, Tk, device):
-    """Check the user's bool mask and combine it with the causal mask into one bool (.., Tq, Tk), or None."""
-    _check_mask(mask, (B, H, Tq, Tk))
-    allowed = mask                                                       # (Tq, Tk) or (B|1, H|1, Tq|1, Tk|1)
-    if is_causal:
-        # Bottom-right aligned: query i is token Tk - Tq + i of the key sequence (KV-cache convention).
-        i = torch.arange(Tq, device=device).view(Tq, 1)
-        j = torch.arange(Tk, device=device).view(1, Tk)
-        causal = j <= i + (Tk - Tq)                                      # (Tq, Tk)
-        allowed = causal if allowed is None else allowed & causal        # (.., Tq, Tk)
-    return allowed
 
 
 def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
@@ -224,7 +177,8 @@ def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
     return out, weights
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """Demo of `python mechanisms/alibi.py`; the guard at the end of the file calls it."""
     torch.manual_seed(0)
     B, T, d_model, num_heads = 2, 12, 24, 6
     attn = ALiBiAttention(d_model, num_heads).eval()
@@ -238,3 +192,118 @@ if __name__ == "__main__":
     diff = (attn.slopes - expected).abs().max().item()
     print(f"max |slopes - paper's rule| = {diff:.1e}")
     assert diff == 0.0
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

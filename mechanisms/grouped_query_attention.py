@@ -33,97 +33,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _check_dropout(dropout: float, name: str = "dropout") -> None:
-    """Raise unless `dropout` is a probability in [0, 1)."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout}")
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    """Raise unless `value` is a positive integer."""
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
-    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
-    if numerator % denominator != 0:
-        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
-                         f"choose {numerator_name} as a multiple of {denominator_name}")
-
-
-def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
-    """Raise unless `x` is a batch-first (B, T, width) tensor."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
-
-
-def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
-                    dim: int, dim_name: str) -> None:
-    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
-    if other.size(dim) != reference.size(dim):
-        raise ValueError(
-            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
-            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
-            f"{tuple(reference.shape)})"
-        )
-
-
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
-def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
-    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
-
-    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
-    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
-    """
-    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
-
-
-
 def _attend_grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                    is_causal: bool, dropout_p: float,
+                    dropout_p: float,
                     need_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention where H query heads share H_kv key/value heads; returns (output, weights or None).
 
     query (B, H, Tq, Dh), key (B, H_kv, Tk, Dh), value (B, H_kv, Tk, Dh). Query head h reads key/value
     head h // G. The key/value heads are never copied H / H_kv times: the explicit path lines each group
-    of G query heads up against its one key/value head and lets broadcasting share it.
+    of G query heads up against its one key/value head and lets broadcasting share it. `mask` is the
+    merged mask (user mask AND key padding AND causal), (Tq, Tk) or 4-D, or None.
     """
-    batch, heads, tq, head_dim = query.shape
-    kv_heads, tk = key.size(1), key.size(2)
+    heads, head_dim = query.size(1), query.size(3)
+    kv_heads = key.size(1)
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim)
-    if is_causal:
-        causal = _causal_mask(tq, tk, query.device)  # (Tq, Tk)  eq. (4)
-        mask = causal if mask is None else mask & causal  # (B, H, Tq, Tk) or (Tq, Tk)
     row_has_key = None
     if mask is not None:
         # A query row with no key to attend would be softmax over all -inf = NaN. Give such rows every key
@@ -195,12 +118,14 @@ class GroupedQueryAttention(nn.Module):
         return self.num_kv_heads / self.num_heads
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, is_causal: bool = False, need_weights: bool = False
+                mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, need_weights: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attend from `query` to `key`/`value` (both default to `query`: self-attention).
 
         mask: bool, True = may attend, (Tq, Tk) or broadcastable 4-D (B, H, Tq, Tk) with H = num_heads
-        (one mask row per QUERY head), e.g. (B, 1, 1, Tk) padding.
+        (one mask row per QUERY head).
+        key_padding_mask: bool (B, Tk), True = a real key; False keys (padding) are never attended.
         is_causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as a KV cache needs).
         Returns (B, Tq, d_model), or (output, weights (B, num_heads, Tq, Tk) taken before dropout).
         """
@@ -215,6 +140,9 @@ class GroupedQueryAttention(nn.Module):
         batch, tq, _ = query.shape
         tk = key.size(1)
         _check_mask(mask, (batch, self.num_heads, tq, tk))
+        _check_key_padding_mask(key_padding_mask, batch, tk)
+        # One boolean mask: the user's mask AND the real keys AND, with is_causal, the causal mask of eq. (4).
+        mask = _merge_masks(mask, key_padding_mask, is_causal, tq, tk, query.device)  # (Tq, Tk) or 4-D
 
         q = self.q_proj(query).view(batch, tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, Dh)
         k = self.k_proj(key).view(batch, tk, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, Tk, Dh)
@@ -222,7 +150,7 @@ class GroupedQueryAttention(nn.Module):
         # k and v are what a decoder would cache: H_kv heads instead of H, eq. (6).
 
         dropout_p = self.dropout if self.training else 0.0  # dropout is off in eval()
-        out, weights = _attend_grouped(q, k, v, mask, is_causal, dropout_p, need_weights)  # (B, H, Tq, Dh)
+        out, weights = _attend_grouped(q, k, v, mask, dropout_p, need_weights)  # (B, H, Tq, Dh)
         out = out.transpose(1, 2).reshape(batch, tq, self.d_model)  # (B, Tq, d_model): concatenate the heads
         out = self.out_proj(out)  # (B, Tq, d_model)  eq. (5)
         return (out, weights) if need_weights else out
@@ -271,7 +199,8 @@ def kv_cache_table(seq_len: int = 4096, batch_size: int = 1,
     return rows
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """Demo of `python mechanisms/grouped_query_attention.py`; the guard at the end of the file calls it."""
     torch.manual_seed(0)
     d_model, num_heads, num_kv_heads = 32, 8, 2
     gqa = GroupedQueryAttention(d_model, num_heads, num_kv_heads).eval()
@@ -297,3 +226,118 @@ if __name__ == "__main__":
         print(f"  {row['name']:<12} H={row['num_heads']:<3} H_kv={row['num_kv_heads']:<3} "
               f"ratio={row['ratio']:.3f}  {row['cache_bytes'] / 2**30:.3f} GiB "
               f"(multi-head: {row['mha_cache_bytes'] / 2**30:.3f} GiB)")
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

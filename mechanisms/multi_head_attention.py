@@ -30,15 +30,144 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+            dropout_p: float, scale: Optional[float],
+            need_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention on (B, H, T, Dh) tensors after validation; returns (output, weights or None).
+
+    `mask` is the merged mask (user mask AND key padding AND causal), (Tq, Tk) or 4-D, or None.
+    Fused kernel when the weights are not wanted, the explicit formula when they are: one answer.
+    """
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    row_has_key = None
+    if mask is not None:
+        # A query row with no key to attend would be softmax over all -inf = NaN. Give such rows every key
+        # (any finite answer will do), then overwrite their output with zeros.
+        row_has_key = mask.any(dim=-1, keepdim=True)  # (B, H, Tq, 1) or (Tq, 1)
+        mask = mask | ~row_has_key  # same shape as mask
+    if not need_weights:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale)  # (B, H, Tq, Dv)
+        weights = None
+    else:
+        scores = (query @ key.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk); each row sums to 1
+        # Dropout drops whole query-key links, then rescales by 1 / (1 - p) so the expectation is unchanged.
+        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+        out = dropped @ value  # (B, H, Tq, Dv)
+    if row_has_key is not None:
+        out = out.masked_fill(~row_has_key, 0.0)  # a query that may see nothing returns zeros
+        if weights is not None:
+            weights = weights.masked_fill(~row_has_key, 0.0)
+    return out, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, batch-first: (B, Tq, d_model) queries, (B, Tk, d_model) keys and values.
+
+    Args:
+        d_model: width of the inputs and the output; must be divisible by num_heads.
+        num_heads: number of heads H; each works in head_dim = d_model // num_heads dimensions.
+        dropout: dropout probability on the attention weights, active only in training mode.
+        bias: whether the four projections (query, key, value, output) have a bias.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
+        _check_dropout(dropout)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        # Four separate d_model -> d_model maps. (nn.MultiheadAttention stores the first three stacked in one
+        # (3 d_model, d_model) matrix; the arithmetic is the same, separate maps are easier to read.)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, need_weights: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Attend from `query` to `key`/`value` (both default to `query`: self-attention).
+
+        mask: bool, True = may attend, (Tq, Tk) or broadcastable 4-D (B, H, Tq, Tk).
+        key_padding_mask: bool (B, Tk), True = a real key; False keys (padding) are never attended.
+        is_causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as a KV cache needs).
+        Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) taken before dropout) with need_weights.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
+        batch, tq, _ = query.shape
+        tk = key.size(1)
+        _check_mask(mask, (batch, self.num_heads, tq, tk))
+        _check_key_padding_mask(key_padding_mask, batch, tk)
+        # One boolean mask: the user's mask AND the real keys AND, with is_causal, the causal mask of eq. (4).
+        mask = _merge_masks(mask, key_padding_mask, is_causal, tq, tk, query.device)  # (Tq, Tk) or 4-D
+
+        # eq. (1) projects, eq. (2) cuts the width into H slices of Dh and moves heads next to batch, so that
+        # one batched matmul runs every head at once.
+        q = self.q_proj(query).view(batch, tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, Dh)
+        k = self.k_proj(key).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
+        v = self.v_proj(value).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
+
+        dropout_p = self.dropout if self.training else 0.0  # dropout is off in eval()
+        # eq. (3) for every head at once.
+        out, weights = _attend(q, k, v, mask, dropout_p, None, need_weights)  # (B, H, Tq, Dh)
+        out = out.transpose(1, 2).reshape(batch, tq, self.d_model)  # (B, Tq, d_model): concatenate the heads
+        out = self.out_proj(out)  # (B, Tq, d_model)  eq. (5): mix what the heads found
+        return (out, weights) if need_weights else out
+
+
+def _demo() -> None:
+    """Demo of `python mechanisms/multi_head_attention.py`; the guard at the end of the file calls it."""
+    torch.manual_seed(0)
+    d_model, num_heads = 32, 4
+    mha = MultiHeadAttention(d_model, num_heads).eval()
+    x = torch.randn(2, 10, d_model)
+    out, weights = mha(x, is_causal=True, need_weights=True)
+    # Oracle inline: PyTorch's own module with the same weights (its attn_mask uses True = blocked).
+    ref = nn.MultiheadAttention(d_model, num_heads, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias]))
+        ref.out_proj.weight.copy_(mha.out_proj.weight)
+        ref.out_proj.bias.copy_(mha.out_proj.bias)
+        blocked = torch.ones(10, 10, dtype=torch.bool).triu(diagonal=1)
+        expected, _ = ref(x, x, x, attn_mask=blocked, need_weights=False)
+        diff = (out - expected).abs().max().item()
+    print(f"output shape {tuple(out.shape)}, weights shape {tuple(weights.shape)}")
+    print(f"max |MultiHeadAttention - nn.MultiheadAttention| (causal, copied weights) = {diff:.2e}")
+    assert diff < 1e-5, diff
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
 def _check_dropout(dropout: float, name: str = "dropout") -> None:
     """Raise unless `dropout` is a probability in [0, 1)."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
 
 
 def _check_positive_int(value: int, name: str) -> None:
     """Raise unless `value` is a positive integer."""
-    if not isinstance(value, int) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -72,7 +201,8 @@ def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int
 
     Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
     element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
     """
     if mask is None:
         return
@@ -90,9 +220,22 @@ def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int
     if not fits:
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
         )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
 
 
 def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
@@ -104,122 +247,22 @@ def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-            is_causal: bool, dropout_p: float, scale: Optional[float],
-            need_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Attention on (B, H, T, Dh) tensors after validation; returns (output, weights or None).
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
 
-    Fused kernel when the weights are not wanted, the explicit formula when they are: one answer.
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
     """
-    tq, tk = query.size(-2), key.size(-2)
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    merged = mask
     if is_causal:
-        causal = _causal_mask(tq, tk, query.device)  # (Tq, Tk)
-        mask = causal if mask is None else mask & causal  # (B, H, Tq, Tk) or (Tq, Tk)
-    row_has_key = None
-    if mask is not None:
-        # A query row with no key to attend would be softmax over all -inf = NaN. Give such rows every key
-        # (any finite answer will do), then overwrite their output with zeros.
-        row_has_key = mask.any(dim=-1, keepdim=True)  # (B, H, Tq, 1) or (Tq, 1)
-        mask = mask | ~row_has_key  # same shape as mask
-    if not need_weights:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                                             scale=scale)  # (B, H, Tq, Dv)
-        weights = None
-    else:
-        scores = (query @ key.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: no weight
-        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk); each row sums to 1
-        # Dropout drops whole query-key links, then rescales by 1 / (1 - p) so the expectation is unchanged.
-        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-        out = dropped @ value  # (B, H, Tq, Dv)
-    if row_has_key is not None:
-        out = out.masked_fill(~row_has_key, 0.0)  # a query that may see nothing returns zeros
-        if weights is not None:
-            weights = weights.masked_fill(~row_has_key, 0.0)
-    return out, weights
-
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention, batch-first: (B, Tq, d_model) queries, (B, Tk, d_model) keys and values.
-
-    Args:
-        d_model: width of the inputs and the output; must be divisible by num_heads.
-        num_heads: number of heads H; each works in head_dim = d_model // num_heads dimensions.
-        dropout: dropout probability on the attention weights, active only in training mode.
-        bias: whether the four projections (query, key, value, output) have a bias.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
-        super().__init__()
-        _check_positive_int(d_model, "d_model")
-        _check_positive_int(num_heads, "num_heads")
-        _check_divisible(d_model, "d_model", num_heads, "num_heads")
-        _check_dropout(dropout)
-        self.d_model = d_model
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.dropout = dropout
-        # Four separate d_model -> d_model maps. (nn.MultiheadAttention stores the first three stacked in one
-        # (3 d_model, d_model) matrix; the arithmetic is the same, separate maps are easier to read.)
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-
-    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, is_causal: bool = False, need_weights: bool = False
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Attend from `query` to `key`/`value` (both default to `query`: self-attention).
-
-        mask: bool, True = may attend, (Tq, Tk) or broadcastable 4-D (B, H, Tq, Tk), e.g. (B, 1, 1, Tk) padding.
-        is_causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, as a KV cache needs).
-        Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) taken before dropout) with need_weights.
-        """
-        key = query if key is None else key
-        value = key if value is None else value
-        _check_sequence(query, "query", self.d_model, "d_model")
-        _check_sequence(key, "key", self.d_model, "d_model")
-        _check_sequence(value, "value", self.d_model, "d_model")
-        _check_matching(query, "query", key, "key", 0, "batch size")
-        _check_matching(key, "key", value, "value", 0, "batch size")
-        _check_matching(key, "key", value, "value", 1, "length")
-        batch, tq, _ = query.shape
-        tk = key.size(1)
-        _check_mask(mask, (batch, self.num_heads, tq, tk))
-
-        # eq. (1) projects, eq. (2) cuts the width into H slices of Dh and moves heads next to batch, so that
-        # one batched matmul runs every head at once.
-        q = self.q_proj(query).view(batch, tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, Dh)
-        k = self.k_proj(key).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
-        v = self.v_proj(value).view(batch, tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, Dh)
-
-        dropout_p = self.dropout if self.training else 0.0  # dropout is off in eval()
-        # eq. (3) for every head at once, with the causal mask of eq. (4) when asked.
-        out, weights = _attend(q, k, v, mask, is_causal, dropout_p, None, need_weights)  # (B, H, Tq, Dh)
-        out = out.transpose(1, 2).reshape(batch, tq, self.d_model)  # (B, Tq, d_model): concatenate the heads
-        out = self.out_proj(out)  # (B, Tq, d_model)  eq. (5): mix what the heads found
-        return (out, weights) if need_weights else out
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    d_model, num_heads = 32, 4
-    mha = MultiHeadAttention(d_model, num_heads).eval()
-    x = torch.randn(2, 10, d_model)
-    out, weights = mha(x, is_causal=True, need_weights=True)
-    # Oracle inline: PyTorch's own module with the same weights (its attn_mask uses True = blocked).
-    ref = nn.MultiheadAttention(d_model, num_heads, batch_first=True).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias]))
-        ref.out_proj.weight.copy_(mha.out_proj.weight)
-        ref.out_proj.bias.copy_(mha.out_proj.bias)
-        blocked = torch.ones(10, 10, dtype=torch.bool).triu(diagonal=1)
-        expected, _ = ref(x, x, x, attn_mask=blocked, need_weights=False)
-        diff = (out - expected).abs().max().item()
-    print(f"output shape {tuple(out.shape)}, weights shape {tuple(weights.shape)}")
-    print(f"max |MultiHeadAttention - nn.MultiheadAttention| (causal, copied weights) = {diff:.2e}")
-    assert diff < 1e-5, diff
+    _demo()

