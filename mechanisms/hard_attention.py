@@ -41,34 +41,6 @@ import torch
 import torch.nn as nn
 
 
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
 def gumbel_noise(shape: Tuple[int, ...], generator: Optional[torch.Generator] = None,
                  device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Samples g ~ Gumbel(0, 1) as -log(-log(u)), u ~ Uniform(0, 1); pass a generator to reproduce them."""
@@ -123,10 +95,9 @@ class HardAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int = 1, temperature: float = 1.0, bias: bool = True) -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads != 0:
-            raise ValueError(f"d_model must be divisible by num_heads, got d_model={d_model}, num_heads={num_heads}")
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
@@ -137,7 +108,8 @@ class HardAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W_o
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, is_causal: bool = False, need_weights: bool = False,
+                mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, need_weights: bool = False,
                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Hard attention from query to key/value (self-attention when key and value are None).
@@ -145,7 +117,8 @@ class HardAttention(nn.Module):
         Args:
             query: (B, Tq, d_model). key: (B, Tk, d_model), defaults to query. value: defaults to key.
             mask: bool, True = may attend; (Tq, Tk) shared by every batch element and head, or 4 dims
-                broadcastable to (B, H, Tq, Tk), e.g. (B, 1, 1, Tk) for key padding.
+                broadcastable to (B, H, Tq, Tk).
+            key_padding_mask: bool (B, Tk), True = a real key; padding keys are never chosen.
             is_causal: query i may only choose keys j <= i + (Tk - Tq).
             need_weights: also return the one-hot weights actually used, (B, H, Tq, Tk).
             noise: Gumbel noise (B, H, Tq, Tk) for the training sample (tests, reproducibility);
@@ -158,14 +131,18 @@ class HardAttention(nn.Module):
         """
         key = query if key is None else key
         value = key if value is None else value
-        self._check_inputs(query, key, value)
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
         B, Tq, _ = query.shape
         Tk, H, Dh = key.shape[1], self.num_heads, self.head_dim
         _check_mask(mask, (B, H, Tq, Tk))
-        if is_causal:
-            # bottom-right aligned: with a KV cache, the last query is the last key
-            causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
-            mask = causal if mask is None else mask & causal  # (Tq, Tk) or (B|1, H|1, Tq, Tk)
+        _check_key_padding_mask(key_padding_mask, B, Tk)
+        # is_causal is bottom-right aligned: with a KV cache, the last query is the last key.
+        mask = _merge_masks(mask, key_padding_mask, is_causal, Tq, Tk, query.device)  # (Tq, Tk) or 4-D, or None
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)  # (B, H, Tq, Dh)
         k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
@@ -197,20 +174,9 @@ class HardAttention(nn.Module):
             weights = weights.masked_fill(~mask, 0.0)  # a fully masked row chose a masked key: zero it
         return weights
 
-    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 3 or t.shape[-1] != self.d_model:
-                raise ValueError(f"{name} must have shape (B, T, d_model={self.d_model}), got {tuple(t.shape)}")
-        if key.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"key batch size must equal query batch size {query.shape[0]}, got key shape {tuple(key.shape)}"
-            )
-        if value.shape[:2] != key.shape[:2]:
-            raise ValueError(f"value must have shape (B, Tk, d_model) = {tuple(key.shape)} to match key, "
-                             f"got {tuple(value.shape)}")
 
-
-if __name__ == "__main__":
+def _demo() -> None:
+    """Demo of `python mechanisms/hard_attention.py`; the guard at the end of the file calls it."""
     torch.manual_seed(0)
     B, T, d_model, H = 2, 6, 8, 2
     attn = HardAttention(d_model, num_heads=H)
@@ -233,3 +199,112 @@ if __name__ == "__main__":
     diff = (out - expected).abs().max().item()
     print(f"eval: max |output - W_o(value at argmax key)| = {diff:.2e}")
     assert diff < 1e-5
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

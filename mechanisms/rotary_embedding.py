@@ -52,24 +52,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  interleaved: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys (B, H, T, Dh) by the angles given as cos, sin of shape (T, Dh/2)
-    (or anything broadcastable to (B, H, T, Dh/2), e.g. (B, 1, T, Dh/2) for per-sequence positions),
-    as returned by RotaryEmbedding.cos_sin. `interleaved` picks the pairing, eq. (3) or (4)."""
+    """Rotate queries (B, H, T, Dh) and keys (B, H_kv, T, Dh) by the angles given as cos and sin, as
+    RotaryEmbedding.cos_sin returns them: (T, Dh/2) for positions shared by the batch, (B, T, Dh/2) for
+    per-sequence positions (lined up with the batch axis, never with the heads), or 4-D broadcastable to
+    (B, H, T, Dh/2). `interleaved` picks the pairing, eq. (3) or (4)."""
     for name, x in (("q", q), ("k", k)):
         if x.dim() != 4 or x.shape[-1] % 2 != 0:
             raise ValueError(f"{name} must have shape (B, H, T, Dh) with an even Dh, got {tuple(x.shape)}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"q and k must share T and Dh to use one cos/sin table, got q {tuple(q.shape)} "
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q and k must share B, T and Dh to use one cos/sin table, got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}")
-    expected = (q.shape[0], 1, q.shape[2], q.shape[3] // 2)
-    for name, t in (("cos", cos), ("sin", sin)):
-        try:
-            torch.broadcast_shapes(t.shape, expected)
-        except RuntimeError:
-            raise ValueError(f"{name} must be broadcastable to (B, 1, T, Dh/2) = {expected}, "
-                             f"got {tuple(t.shape)}") from None
-        if t.shape[-1] != expected[-1] or (t.dim() >= 2 and t.shape[-2] != expected[-2]):
-            raise ValueError(f"{name} must end in (T, Dh/2) = {expected[-2:]}, got {tuple(t.shape)}")
+    B, H, T, half = q.shape[0], q.shape[1], q.shape[2], q.shape[3] // 2
+    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor) or cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must be tensors of one shape, got cos {tuple(getattr(cos, 'shape', ()))} "
+                         f"and sin {tuple(getattr(sin, 'shape', ()))}")
+    if cos.dim() == 2:
+        fits = cos.shape == (T, half)                                     # (T, Dh/2): one table for all
+    elif cos.dim() == 3:
+        fits = cos.shape[0] in (1, B) and cos.shape[1:] == (T, half)      # (B, T, Dh/2): per sequence
+    elif cos.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(cos.shape, (B, H, T, half))) and cos.shape[-1] == half
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(f"cos and sin must have shape (T, Dh/2) = ({T}, {half}), (B, T, Dh/2) = ({B}, {T}, "
+                         f"{half}) or 4-D broadcastable to (B, H, T, Dh/2) = ({B}, {H}, {T}, {half}); got cos "
+                         f"{tuple(cos.shape)} and sin {tuple(sin.shape)} for q {tuple(q.shape)}")
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                     # (B, 1, T, Dh/2): same angle per head
     return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
 
 
@@ -125,13 +135,17 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-        if q.dim() != 4 or q.shape[-1] != self.head_dim:
-            raise ValueError(f"q must have shape (B, H, T, head_dim) with head_dim={self.head_dim}, "
-                             f"got {tuple(q.shape)}")
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must have shape (B, H, T, head_dim) with head_dim={self.head_dim}, "
+                                 f"got {got}")
+        if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+            raise ValueError(f"k must have the batch size and length of q, (B, H_kv, T, head_dim) = "
+                             f"({q.shape[0]}, H_kv, {q.shape[2]}, {self.head_dim}); got q {tuple(q.shape)} "
+                             f"and k {tuple(k.shape)}")
         positions = _positions(positions, offset, q.shape[0], q.shape[2], q.device)
-        cos, sin = self.cos_sin(positions, q.dtype)                       # (T | B, T, Dh/2)
-        if cos.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                 # (B, 1, T, Dh/2)
+        cos, sin = self.cos_sin(positions, q.dtype)                       # (T, Dh/2) or (B, T, Dh/2)
         return apply_rotary(q, k, cos, sin, self.interleaved)
 
 
@@ -153,24 +167,25 @@ class RotarySelfAttention(nn.Module):
     Args: d_model, num_heads, dropout, bias as in multi-head attention; base, max_seq_len and
     interleaved are passed to RotaryEmbedding.
 
-    forward(query, key=None, value=None, mask=None, is_causal=False, need_weights=False, positions=None)
+    forward(query, key=None, value=None, mask=None, key_padding_mask=None, is_causal=False,
+            need_weights=False, positions=None)
         query (B, Tq, d_model); key, value (B, Tk, d_model), default to query.
         positions: integer positions of the Tk key tokens, (Tk,) or (B, Tk), default [0..Tk-1]. The
             queries are the last Tq of those tokens (positions[..., -Tq:]), the same bottom-right
             alignment as is_causal: with a KV cache, key = cached + new tokens, query = new tokens.
-        mask: bool, True = may attend, (Tq, Tk) or 4-D broadcastable to (B, H, Tq, Tk), e.g.
-            (B, 1, 1, Tk) for key padding; a 1-D or 3-D mask raises ValueError.
+        mask: bool, True = may attend, (Tq, Tk) or 4-D broadcastable to (B, H, Tq, Tk); a 1-D or 3-D
+            mask raises ValueError. key_padding_mask: bool (B, Tk), True = a real key. mask,
+            key_padding_mask and the causal mask are combined by a logical AND.
         Returns (B, Tq, d_model), or (output, weights (B, H, Tq, Tk) before dropout).
     """
 
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  base: float = 10000.0, max_seq_len: int = 4096, interleaved: bool = False):
         super().__init__()
-        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
-            raise ValueError(f"num_heads must be positive and divide d_model; got d_model={d_model}, "
-                             f"num_heads={num_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
+        _check_dropout(dropout)
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
@@ -183,24 +198,35 @@ class RotarySelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None,
                 value: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False, need_weights: bool = False,
-                positions: Optional[torch.Tensor] = None
+                key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                need_weights: bool = False, positions: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         key = query if key is None else key
         value = key if value is None else value
-        _check_inputs(query, key, value, self.d_model)
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
         B, Tq, _ = query.shape
         Tk = key.shape[1]
         if Tq > Tk:
             raise ValueError(f"query is longer than key: queries are the last Tq of the Tk key tokens, "
                              f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
         H, Dh = self.num_heads, self.head_dim
-        allowed = _allowed(mask, is_causal, B, H, Tq, Tk, query.device)  # (.., Tq, Tk) or None
+        _check_mask(mask, (B, H, Tq, Tk))
+        _check_key_padding_mask(key_padding_mask, B, Tk)
+        # Bottom-right aligned causal mask: query i is token Tk - Tq + i of the key sequence (KV cache).
+        allowed = _merge_masks(mask, key_padding_mask, is_causal, Tq, Tk, query.device)  # (.., Tq, Tk) or None
 
         q = self.q_proj(query).view(B, Tq, H, Dh).transpose(1, 2)       # (B, H, Tq, Dh)
         k = self.k_proj(key).view(B, Tk, H, Dh).transpose(1, 2)         # (B, H, Tk, Dh)
         v = self.v_proj(value).view(B, Tk, H, Dh).transpose(1, 2)       # (B, H, Tk, Dh)
 
+        if positions is None:  # default positions 0..Tk-1 must stay below max_seq_len
+            _check_max_len(query, "query", self.rotary.max_seq_len)
+            _check_max_len(key, "key", self.rotary.max_seq_len)
         k_pos = _positions(positions, 0, B, Tk, query.device)            # (Tk,) or (B, Tk)
         q_pos = k_pos[..., Tk - Tq:]                                     # (Tq,) or (B, Tq)
         cos_q, sin_q = self.rotary.cos_sin(q_pos, q.dtype)               # (.., Tq, Dh/2)
@@ -218,62 +244,7 @@ class RotarySelfAttention(nn.Module):
         return (out, weights) if need_weights else out
 
 
-# ---------------------------------------------------------------- shared private helpers
-def _check_inputs(query, key, value, d_model):
-    if query.dim() != 3:
-        raise ValueError(f"query must have shape (B, Tq, d_model) = (B, Tq, {d_model}), got {tuple(query.shape)}")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dim() != 3 or x.shape[-1] != d_model:
-            raise ValueError(f"{name} must have shape (B, T, d_model) with d_model={d_model}, got {tuple(x.shape)}")
-        if x.shape[0] != query.shape[0]:
-            raise ValueError(f"batch size of {name} {tuple(x.shape)} does not match query {tuple(query.shape)}; "
-                             f"expected ({query.shape[0]}, T, {d_model})")
-    if key.shape[1] != value.shape[1]:
-        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)} and "
-                         f"value {tuple(value.shape)}")
-
-
-def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
-    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
-
-    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
-    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
-    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error.
-    """
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
-                        f"convert a 0/1 mask with mask.bool()")
-    batch, heads, tq, tk = expected
-    if mask.dim() == 2:
-        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
-    elif mask.dim() == 4:
-        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
-    else:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
-            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); a (B, Tk) key-padding mask "
-            f"becomes (B, 1, 1, Tk) = ({batch}, 1, 1, {tk}) with mask[:, None, None, :]"
-        )
-
-
-def _allowed(mask, is_causal, B, H, Tq, Tk, device):
-    """Check the user's bool mask and combine it with the causal mask into one bool (.., Tq, Tk), or None."""
-    _check_mask(mask, (B, H, Tq, Tk))
-    allowed = mask                                                       # (Tq, Tk) or (B|1, H|1, Tq|1, Tk|1)
-    if is_causal:
-        # Bottom-right aligned: query i is token Tk - Tq + i of the key sequence (KV-cache convention).
-        i = torch.arange(Tq, device=device).view(Tq, 1)
-        j = torch.arange(Tk, device=device).view(1, Tk)
-        causal = j <= i + (Tk - Tq)                                      # (Tq, Tk)
-        allowed = causal if allowed is None else allowed & causal        # (.., Tq, Tk)
-    return allowed
-
-
+# ---------------------------------------------------------------- mechanism helpers
 def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
     """softmax(q k^T * scale + bias) v over the allowed keys; a query with no allowed key gives zeros.
 
@@ -311,7 +282,8 @@ def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
     return out, weights
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """Demo of `python mechanisms/rotary_embedding.py`; the guard at the end of the file calls it."""
     torch.manual_seed(0)
     B, T, d_model, num_heads = 2, 10, 32, 4
     attn = RotarySelfAttention(d_model, num_heads).eval()
@@ -339,3 +311,125 @@ if __name__ == "__main__":
     hand = (rotate_by_hand(qv, 5) - q_rot.flatten()).abs().max().item()
     print(f"max |module rotation - hand rotation| = {hand:.1e}")
     assert gap < 1e-12 and hand < 1e-12
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_max_len(x: torch.Tensor, name: str, max_seq_len: int) -> None:
+    """Raise unless the (B, T, ...) tensor `x` is at most `max_seq_len` long."""
+    if x.size(1) > max_seq_len:
+        raise ValueError(f"{name} has length {x.size(1)} but max_seq_len is {max_seq_len}; "
+                         f"expected shape (B, T <= {max_seq_len}, ...), got {tuple(x.shape)}")
+
+
+def _check_mask(mask: Optional[torch.Tensor], expected: Tuple[int, int, int, int]) -> None:
+    """Raise unless `mask` is None or a boolean tensor that broadcasts to `expected` = (B, H, Tq, Tk).
+
+    Two forms are accepted, so that no shape is ever read two ways: 2-D (Tq, Tk), shared by every batch
+    element and head, and 4-D (B, H, Tq, Tk) where any dimension may be 1. A 1-D or 3-D mask is refused:
+    (B, Tk) or (B, Tq, Tk) would broadcast against the wrong dimensions without any error. Padding goes
+    in `key_padding_mask` (B, Tk) instead.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with mask.bool()")
+    batch, heads, tq, tk = expected
+    if mask.dim() == 2:
+        fits = mask.size(0) in (1, tq) and mask.size(1) in (1, tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({tq}, {tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({batch}, {tk}) instead"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+def _causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True where query i may see key j, aligned to the bottom-right.
+
+    With Tq < Tk the queries are the LAST Tq positions of the sequence (a KV cache holds the earlier ones),
+    so query i sits at position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
+    """
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)  # (Tq, Tk)
+
+
+def _merge_masks(mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
+                 tq: int, tk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """AND together `mask`, `key_padding_mask` and the causal mask; None when there is nothing to mask.
+
+    The result is (Tq, Tk) when only a 2-D mask and/or `is_causal` are given, otherwise 4-D and
+    broadcastable to (B, H, Tq, Tk). All inputs must already have passed their checks.
+    """
+    merged = mask
+    if is_causal:
+        causal = _causal_mask(tq, tk, device)  # (Tq, Tk)
+        merged = causal if merged is None else merged & causal
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): one row of real keys per batch element
+        merged = padding if merged is None else merged & padding
+    return merged
+
+
+if __name__ == "__main__":
+    _demo()

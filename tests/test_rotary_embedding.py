@@ -133,6 +133,48 @@ def test_apply_rotary_with_cos_sin_matches_forward():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("batch", [2, 3])
+def test_apply_rotary_lines_per_sequence_cos_sin_up_with_the_batch(interleaved, batch):
+    # cos_sin of (B, T) positions is (B, T, Dh/2). It must rotate batch element b by its own positions for
+    # every head; with B == H == 2 a broadcast against (B, H, T, Dh) would silently use head h's row instead.
+    rope = RotaryEmbedding(8, base=100.0, interleaved=interleaved)
+    q = torch.randn(batch, 2, 5, 8, dtype=torch.float64)
+    k = torch.randn(batch, 2, 5, 8, dtype=torch.float64)
+    pos = torch.stack([torch.arange(5) + 7 * b for b in range(batch)])  # (B, T), different per sequence
+    cos, sin = rope.cos_sin(pos, torch.float64)
+    assert cos.shape == (batch, 5, 4)
+    q_rot, k_rot = apply_rotary(q, k, cos, sin, interleaved=interleaved)
+    for b in range(batch):
+        for h in range(2):
+            assert (q_rot[b, h] - rotate_by_hand(q[b, h], pos[b], 100.0, interleaved)).abs().max() < TOL64
+            assert (k_rot[b, h] - rotate_by_hand(k[b, h], pos[b], 100.0, interleaved)).abs().max() < TOL64
+    q_fwd, k_fwd = rope(q, k, positions=pos)  # forward takes the same (B, T) positions
+    assert torch.equal(q_fwd, q_rot) and torch.equal(k_fwd, k_rot)
+
+
+def test_apply_rotary_refuses_cos_sin_that_fit_neither_the_batch_nor_the_length():
+    rope = RotaryEmbedding(8)
+    q = k = torch.randn(3, 2, 5, 8)
+    for positions in (torch.arange(6), torch.arange(10).view(2, 5)):  # wrong T; per-sequence rows for B=2
+        cos, sin = rope.cos_sin(positions)
+        with pytest.raises(ValueError, match=r"cos and sin.*\(B, T, Dh/2\) = \(3, 5, 4\)"):
+            apply_rotary(q, k, cos, sin)
+    with pytest.raises(ValueError, match="cos"):
+        apply_rotary(q, k, torch.randn(5, 3), torch.randn(5, 3))  # Dh/2 wrong
+
+
+@pytest.mark.parametrize("positions", [None, "per_sequence"])
+def test_rotary_embedding_refuses_q_and_k_of_different_batch_sizes(positions):
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    pos = torch.arange(10).view(2, 5) if positions else None
+    with pytest.raises(ValueError, match=r"k must have the batch size and length of q.*\(3, 2, 5, 8\)"):
+        rope(q, k, positions=pos)
+    with pytest.raises(ValueError, match=r"q and k must share B"):
+        apply_rotary(q, k, *rope.cos_sin(torch.arange(5)))
+
+
 def test_angles_are_computed_in_float32_for_bf16():
     rope = RotaryEmbedding(8).to(torch.bfloat16)
     cos, _ = rope.cos_sin(torch.tensor([1001]), torch.bfloat16)
@@ -189,17 +231,7 @@ def test_kv_cache_step_equals_full_causal_attention():
     assert (last - full[:, -2:]).abs().max() < TOL64_ATTN
 
 
-# ------------------------------------------------------------------ masks and causality
-def test_masked_keys_get_zero_weight_and_do_not_matter():
-    mod = make()
-    x = torch.randn(2, 6, 8)
-    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
-    mask[1, ..., 2] = False
-    out, w = mod(x, mask=mask, need_weights=True)
-    assert w[1, :, :, 2].abs().max() == 0
-    kv = x.clone()
-    kv[1, 2] = torch.randn(8) * 10
-    assert torch.allclose(mod(x, kv, kv, mask=mask), out, atol=1e-6)
+# ------------------------------------------------------------------ masks
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -224,46 +256,7 @@ def test_two_dim_mask_equals_the_same_mask_expanded_to_four_dims(is_causal, need
         assert (two[1].masked_select(~mask.expand_as(two[1])) == 0).all()
 
 
-def test_causal_future_token_does_not_change_earlier_outputs():
-    mod = make()
-    x = torch.randn(1, 8, 8)
-    base = mod(x, is_causal=True)
-    x2 = x.clone()
-    x2[0, 5] += 3.0
-    out = mod(x2, is_causal=True)
-    assert torch.equal(out[0, :5], base[0, :5])
-    assert not torch.allclose(out[0, 5:], base[0, 5:])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_fully_masked_row_gives_zeros_not_nan(dtype, need_weights):
-    mod = make(bias=False).to(dtype)
-    x = torch.randn(2, 5, 8, dtype=dtype)
-    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
-    mask[0, :, 1] = False  # query 1 of sequence 0 sees nothing
-    res = mod(x, mask=mask, need_weights=need_weights)
-    out = res[0] if need_weights else res
-    assert torch.isfinite(out).all() and out[0, 1].abs().max() == 0 and out[0, 0].abs().max() > 0
-    x.requires_grad_(True)
-    res = mod(x, mask=mask, need_weights=need_weights)
-    (res[0] if need_weights else res).float().sum().backward()
-    assert torch.isfinite(x.grad).all()
-
-
-# ------------------------------------------------------------------ gradients, arguments, dropout, paths
-def test_gradcheck_float64():
-    mod = make(d_model=4, num_heads=1).double()
-    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: mod(t, is_causal=True), (x,))
-    assert torch.autograd.gradcheck(lambda t: mod(t, need_weights=True)[0], (x,))
-
-
-def test_every_parameter_gets_a_gradient():
-    mod = make()
-    mod(torch.randn(2, 5, 8)).pow(2).sum().backward()
-    for name, p in mod.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+# ------------------------------------------------------------------ arguments
 
 
 def test_every_constructor_argument_changes_the_output():
@@ -291,63 +284,35 @@ def test_every_constructor_argument_changes_the_output():
     assert make(d_model=12, num_heads=3)(torch.randn(2, 6, 12)).shape == (2, 6, 12)
 
 
-def test_dropout_is_off_in_eval_and_weights_are_taken_before_dropout():
-    x = torch.randn(2, 6, 8)
-    drop, plain = make(dropout=0.5), make(dropout=0.0)
-    drop.eval()
-    assert torch.equal(drop(x), plain(x))
-    drop.train()
-    out, w = drop(x, need_weights=True)
-    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 6), atol=1e-6)
-    assert not torch.allclose(out, plain(x))
-
-
-def test_fused_and_explicit_paths_agree():
-    mod = make().double()
-    x = torch.randn(2, 7, 8, dtype=torch.float64)
-    mask = torch.rand(2, 1, 7, 7) > 0.3
-    for is_causal in (False, True):
-        fused = mod(x, mask=mask, is_causal=is_causal)
-        explicit = mod(x, mask=mask, is_causal=is_causal, need_weights=True)[0]
-        assert (fused - explicit).abs().max() < TOL64_ATTN
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_runs(dtype):
-    mod = make()
-    x = torch.randn(2, 6, 8)
-    ref = mod(x)
-    out = mod.to(dtype)(x.to(dtype))
-    assert out.dtype == dtype and (out.float() - ref).abs().max() < 0.05
-
-
 # ------------------------------------------------------------------ bad input
-def test_bad_input_raises_clear_errors():
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_weights):
+    # B == Tq == 2 (the last 2 of 5 tokens): a (B, Tk) padding mask has the shape of a (Tq, Tk) mask. With
+    # all positions equal the rotations cancel (the limit case), so plain attention with the mask is the
+    # oracle: as `key_padding_mask` row b is batch element b's real keys, as `mask` row i is query i's.
+    mod = make().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    padding = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    same = torch.zeros(5, dtype=torch.long)
+    per_batch = plain_mha(mod, x[:, 3:], x, allowed=padding[:, None, None, :])
+    per_query = plain_mha(mod, x[:, 3:], x, allowed=padding)
+    got = mod(x[:, 3:], x, x, key_padding_mask=padding, positions=same, need_weights=need_weights)
+    got = got[0] if need_weights else got
+    assert (got - per_batch).abs().max() < TOL64_ATTN
+    assert (mod(x[:, 3:], x, x, mask=padding, positions=same) - per_query).abs().max() < TOL64_ATTN
+    assert (per_batch - per_query).abs().max() > 1e-3, "the two readings should differ on this input"
+
+
+def test_mechanism_specific_bad_input():
     mod = make()
     x = torch.randn(2, 5, 8)
-    with pytest.raises(ValueError, match="query"):
-        mod(torch.randn(5, 8))
-    with pytest.raises(ValueError, match="d_model"):
-        mod(torch.randn(2, 5, 6))
-    with pytest.raises(ValueError, match="num_heads"):
-        RotarySelfAttention(10, 3)
     with pytest.raises(ValueError, match="head_dim"):
         RotaryEmbedding(7)
-    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        mod(x, mask=torch.ones(2, 5, dtype=torch.bool))  # (B, Tk) with B != Tq: not a (Tq, Tk) mask
-    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        mod(x, mask=torch.ones(2, 5, 5, dtype=torch.bool))  # 3-D: (B, Tq, Tk) or (H, Tq, Tk)?
-    with pytest.raises(ValueError, match=r"mask.*\(B, 1, 1, Tk\)"):
-        mod(x, mask=torch.ones(5, dtype=torch.bool))  # 1-D
-    with pytest.raises(ValueError, match="mask"):
-        mod(x, mask=torch.ones(2, 1, 4, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="mask"):
-        mod(x, mask=torch.ones(2, 1, 1, 5))
-    with pytest.raises(ValueError, match="key"):
-        mod(x, torch.randn(3, 5, 8))
     with pytest.raises(ValueError, match="positions"):
         mod(x, positions=torch.arange(4))
     with pytest.raises(TypeError, match="positions"):
         mod(x, positions=torch.arange(5.0))
-    with pytest.raises(ValueError, match="cos"):
-        apply_rotary(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(5, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="query"):
+        mod(torch.randn(2, 6, 8), x)  # queries are the LAST Tq of the Tk keys
