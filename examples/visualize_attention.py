@@ -75,28 +75,67 @@ def load_checkpoint(path: Path):
     return model, ckpt["vocab"]
 
 
+def _gpt2_inputs(folder: Path, prompt: str):
+    """GPT-2 from a local folder: (model, token strings, ids (1, T), id -> text list-like)."""
+    from gpt2_tokenizer import GPT2Tokenizer
+    if not folder.is_dir():
+        sys.exit(f"error: --gpt2-dir {folder}: no such folder")
+    try:
+        tokenizer = GPT2Tokenizer.from_folder(folder)
+        model = Transformer.from_gpt2(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: --gpt2-dir {folder}: {exc}")
+    token_ids = tokenizer.encode(prompt)
+    if len(token_ids) > model.max_seq_length:
+        print(f"note: prompt cropped to its last {model.max_seq_length} tokens (the model's context)")
+        token_ids = token_ids[-model.max_seq_length:]
+
+    class _Names:  # vocab[i] -> the text of token i, as the char-LM path's vocabulary list gives it
+        def __getitem__(self, i):
+            return tokenizer.decode([i])
+
+        def __len__(self):
+            return len(tokenizer.encoder)
+
+    return model, tokenizer.readable(token_ids), torch.tensor([token_ids], dtype=torch.long), _Names()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Attention heads and attention rollout of a trained char LM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/char_lm/ckpt.pt"))
-    p.add_argument("--prompt", default="def __init__(self):\n        self.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, default=Path("runs/char_lm/ckpt.pt"),
+                        help="a checkpoint written by examples/train_char_lm.py")
+    source.add_argument("--gpt2-dir", type=Path, default=None, metavar="DIR",
+                        help="instead, a GPT-2 folder in the Hugging Face layout (config.json, model.safetensors or "
+                             "pytorch_model.bin, vocab.json, merges.txt), read from disk with Transformer.from_gpt2")
+    p.add_argument("--prompt", default="def __init__(self):\n        self.", help="the text whose attention is shown")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--prefix", default="attention", help="file name prefix of the outputs")
+    p.add_argument("--export-json", type=Path, default=None, metavar="FILE",
+                   help="also write every layer's and head's attention and the rollout for the docs' attention "
+                        "explorer: FILE with suffix .json, and the same wrapped as .js (see docs/explorer.md)")
     args = p.parse_args(argv)
 
-    model, vocab = load_checkpoint(args.checkpoint)
-    stoi = {c: i for i, c in enumerate(vocab)}
-    unknown = sorted({c for c in args.prompt if c not in stoi})
     if not args.prompt:
         sys.exit("error: --prompt is empty")
-    if unknown:
-        sys.exit(f"error: --prompt has characters the model never saw: {''.join(unknown)!r}")
-    prompt = args.prompt
-    if len(prompt) > model.max_seq_length:
-        print(f"note: prompt cropped to its last {model.max_seq_length} characters (the model's context)")
-        prompt = prompt[-model.max_seq_length:]
-    tokens = list(prompt)
-    ids = torch.tensor([[stoi[c] for c in prompt]], dtype=torch.long)  # (1, T)
+    if args.gpt2_dir is not None:
+        model, tokens, ids, vocab = _gpt2_inputs(args.gpt2_dir, args.prompt)
+        prompt = "".join(tokens)
+        source_name = str(args.gpt2_dir)
+    else:
+        model, vocab = load_checkpoint(args.checkpoint)
+        stoi = {c: i for i, c in enumerate(vocab)}
+        unknown = sorted({c for c in args.prompt if c not in stoi})
+        if unknown:
+            sys.exit(f"error: --prompt has characters the model never saw: {''.join(unknown)!r}")
+        prompt = args.prompt
+        if len(prompt) > model.max_seq_length:
+            print(f"note: prompt cropped to its last {model.max_seq_length} characters (the model's context)")
+            prompt = prompt[-model.max_seq_length:]
+        tokens = list(prompt)
+        ids = torch.tensor([[stoi[c] for c in prompt]], dtype=torch.long)  # (1, T)
+        source_name = str(args.checkpoint)
     with torch.no_grad():
         logits, attention = model(ids, return_attention=True)  # (1, T, V), L x (1, H, T, T)
     per_layer = [w[0] for w in attention]  # L x (H, T, T)
@@ -108,7 +147,7 @@ def main(argv=None) -> dict:
     last = rollout[-1, -1]  # (T,): share of each input character in the last position's representation
 
     from plotting import plot_attention_across_layers, plot_head_grid, printable_token, _save, plt
-    out = args.out or args.checkpoint.parent
+    out = args.out or (args.gpt2_dir if args.gpt2_dir is not None else args.checkpoint.parent)
     out.mkdir(parents=True, exist_ok=True)
     heads_png = plot_head_grid(per_layer, tokens, out / f"{args.prefix}_heads.png",
                                title=f"attention of every head over {prompt!r}")
@@ -131,7 +170,17 @@ def main(argv=None) -> dict:
     fig.tight_layout()
     rollout_png = _save(fig, out / f"{args.prefix}_rollout.png")
 
-    result = {"checkpoint": str(args.checkpoint), "prompt": prompt, "next_char_top5": predictions,
+    if args.export_json is not None:
+        from explorer_data import attention_view, write_explorer_data
+        record = {"model": source_name, "command": "python examples/visualize_attention.py "
+                  + " ".join(sys.argv[1:] if argv is None else argv),
+                  "examples": [{"title": prompt.splitlines()[0][:40] if prompt.strip() else repr(prompt),
+                                "attention": [attention_view("self-attention (causal)", tokens, tokens, per_layer,
+                                                             rollout[-1])]}]}
+        for path in write_explorer_data(record, args.export_json):
+            print(f"wrote {path}")
+
+    result = {"checkpoint": source_name, "prompt": prompt, "next_char_top5": predictions,
               "rollout_last_position": [round(float(v), 6) for v in last],
               "head_mean_last_row_per_layer": [[round(float(v), 6) for v in w.mean(0)[-1]] for w in per_layer],
               "figures": [str(heads_png), str(rollout_png), str(layers_png)]}

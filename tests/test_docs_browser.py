@@ -123,3 +123,56 @@ def test_screenshots_for_review(site, browser):
         path = SCREENSHOTS / f"{name}.png"
         browser.screenshot(path)
         assert path.stat().st_size > 10_000, f"{path} looks empty"
+
+
+EXPLORER_SCRIPT = """
+(() => {
+  const root = document.querySelector('[data-attention-explorer]');
+  const data = window.attentionExplorerData || [];
+  const box = root.getBoundingClientRect();
+  const result = {models: data.map(m => m.model), tokens: root.querySelectorAll('.ae-token').length,
+                  top: box.top + window.scrollY, intro: document.querySelector('h1').getBoundingClientRect().bottom};
+  const before = Number(root.dataset.rendered);
+  const head = root.querySelector('select[data-control=head]');
+  head.value = '0';
+  head.dispatchEvent(new Event('change'));
+  result.rerendered = Number(root.dataset.rendered) > before;
+  const expected = data[0].examples[0].attention[0].layers[0][0];
+  result.shows_head0 = JSON.stringify(attentionExplorer.weights()) === JSON.stringify(expected);
+  const token = root.querySelector('.ae-token[data-side=query][data-index="3"]');
+  const quiet = root.querySelectorAll('.ae-line.ae-active').length;
+  token.dispatchEvent(new MouseEvent('mouseenter'));
+  result.active_before_hover = quiet;
+  result.active_after_hover = root.querySelectorAll('.ae-line.ae-active').length;
+  result.info = root.querySelector('.ae-info').textContent;
+  const model = root.querySelector('select[data-control=model]');
+  model.value = String(data.length - 1);
+  model.dispatchEvent(new Event('change'));
+  const cross = data[data.length - 1].examples[0].attention[0];
+  result.cross_shape = [cross.queries.length, cross.keys.length];
+  result.cross_drawn = [root.querySelectorAll('.ae-token[data-side=query]').length,
+                        root.querySelectorAll('.ae-token[data-side=key]').length];
+  result.cells = root.querySelectorAll('.ae-cell').length;
+  return result;
+})()
+"""
+
+
+@pytest.mark.slow
+@needs_browser
+def test_attention_explorer_loads_its_data_and_responds(site, browser):
+    browser.open((site / "explorer.html").as_uri())
+    state = browser.evaluate(EXPLORER_SCRIPT)
+    assert len(state["models"]) >= 2, f"the explorer loaded {state['models']}; expected the char LM and the translator"
+    assert state["tokens"] > 0, "no tokens drawn"
+    assert state["top"] < state["intro"] + 600, f"the explorer is not near the top of its page: {state}"
+    assert state["rerendered"] and state["shows_head0"], f"choosing head 0 did not show head 0: {state}"
+    assert state["active_before_hover"] == 0 and state["active_after_hover"] > 0, f"hover changed nothing: {state}"
+    assert "query 3" in state["info"], state["info"]
+    assert state["cross_drawn"] == state["cross_shape"], f"cross-attention drawn with the wrong tokens: {state}"
+    assert state["cells"] == state["cross_shape"][0] * state["cross_shape"][1]
+    assert not browser.errors(), f"JavaScript errors on the explorer: {browser.errors()}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.evaluate("""(() => { const t = document.querySelector('.ae-token[data-side=query][data-index="2"]');
+                          t.dispatchEvent(new MouseEvent('click')); return true; })()""")
+    browser.screenshot(SCREENSHOTS / "explorer.png")
