@@ -130,14 +130,14 @@ class AdditiveAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/additive_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, Tq, Tk, Dq, Dk, Hd = 2, 3, 5, 6, 4, 8
     attn = AdditiveAttention(query_dim=Dq, key_dim=Dk, hidden_dim=Hd).double()
     s, h = torch.randn(B, Tq, Dq, dtype=torch.float64), torch.randn(B, Tk, Dk, dtype=torch.float64)
-    mask = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
-    mask[1, ..., 3:] = False  # the second sequence has only 3 real keys
-    context, weights = attn(s, h, mask=mask, need_weights=True)
+    padding = torch.ones(B, Tk, dtype=torch.bool)  # (B, Tk): True = a real source token
+    padding[1, 3:] = False  # the second sequence has only 3 real keys
+    context, weights = attn(s, h, key_padding_mask=padding, need_weights=True)
     print("context shape:", tuple(context.shape), " weights shape:", tuple(weights.shape))
 
     # Checked fact: the paper's formula, one (batch, query, key) triple at a time.
@@ -146,7 +146,7 @@ def _demo() -> None:
     with torch.no_grad():
         for bi in range(B):
             for i in range(Tq):
-                allowed = [j for j in range(Tk) if mask[bi, 0, 0, j]]
+                allowed = [j for j in range(Tk) if padding[bi, j]]
                 e = torch.stack([v @ torch.tanh(W_q @ s[bi, i] + b + W_k @ h[bi, j]) for j in allowed])  # (n,)
                 a = torch.exp(e - e.max()) / torch.exp(e - e.max()).sum()
                 c = sum(a[n] * h[bi, j] for n, j in enumerate(allowed))

@@ -178,7 +178,7 @@ def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/alibi.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, T, d_model, num_heads = 2, 12, 24, 6
     attn = ALiBiAttention(d_model, num_heads).eval()

@@ -127,13 +127,13 @@ class CrossAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/cross_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     d_model, context_dim, num_heads = 32, 20, 4
     attention = CrossAttention(d_model, context_dim, num_heads).eval()
     x, context = torch.randn(2, 5, d_model), torch.randn(2, 9, context_dim)  # different widths and lengths
     padding = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])  # (B, Tk): the second context is shorter
-    out = attention(x, context, mask=padding[:, None, None, :])  # (B, 1, 1, Tk)
+    out = attention(x, context, key_padding_mask=padding)  # (B, Tq, d_model)
     # Oracle inline: PyTorch's module with kdim/vdim and the same weights (its padding mask: True = ignore).
     ref = nn.MultiheadAttention(d_model, num_heads, kdim=context_dim, vdim=context_dim, batch_first=True).eval()
     with torch.no_grad():

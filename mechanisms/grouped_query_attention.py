@@ -200,7 +200,7 @@ def kv_cache_table(seq_len: int = 4096, batch_size: int = 1,
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/grouped_query_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     d_model, num_heads, num_kv_heads = 32, 8, 2
     gqa = GroupedQueryAttention(d_model, num_heads, num_kv_heads).eval()

@@ -176,7 +176,7 @@ class HardAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/hard_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, T, d_model, H = 2, 6, 8, 2
     attn = HardAttention(d_model, num_heads=H)

@@ -48,12 +48,15 @@ class LocalAttention(nn.Module):
         dropout: dropout probability on the attention weights (training mode only).
         bias: whether the four projections have a bias.
 
-    forward(query, key=None, value=None, mask=None, need_weights=False):
+    forward(query, key=None, value=None, mask=None, key_padding_mask=None, need_weights=False):
         query: (B, T, d_model). key, value: (B, T, d_model), default to query; they must have the
             same length as query because the window is defined on positions of one sequence.
-        mask: optional bool key-padding mask, True = may attend, broadcastable to (B, H, 1, T),
-            e.g. (B, 1, 1, T). A dense (.., T, T) mask is rejected: it would cost the O(T^2) memory
-            that the blocked computation avoids (the window itself is the mask of eq. (1)).
+        key_padding_mask: optional bool (B, T), True = a real token; padding is never attended.
+        mask: optional bool per-key mask, True = may attend, 4-D broadcastable to (B, H, 1, T), e.g.
+            (B, 1, 1, T) or one row of keys per head (1, H, 1, T); ANDed with key_padding_mask. A dense
+            (.., T, T) or 2-D mask is rejected: it would cost the O(T^2) memory that the blocked
+            computation avoids (the window itself is the mask of eq. (1)). There is no is_causal:
+            the causal window is the constructor's `causal`, because it decides the block layout.
         Returns (B, T, d_model), or (output, weights) with dense weights (B, H, T, T) taken before
         dropout when need_weights=True (O(T^2) memory: for inspection of small T only).
     """
@@ -61,13 +64,12 @@ class LocalAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, window: int, causal: bool = False,
                  dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
-            raise ValueError(f"num_heads must be positive and divide d_model; got d_model={d_model}, "
-                             f"num_heads={num_heads}")
+        _check_positive_int(d_model, "d_model")
+        _check_positive_int(num_heads, "num_heads")
+        _check_divisible(d_model, "d_model", num_heads, "num_heads")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window must be an int >= 0, got {window!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_dropout(dropout)
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
@@ -83,42 +85,39 @@ class LocalAttention(nn.Module):
         return f"window={self.window}, causal={self.causal}, dropout={self.dropout}"
 
     # ---------------------------------------------------------------- validation
-    def _check_inputs(self, query, key, value):
-        if query.dim() != 3:
-            raise ValueError(f"query must have shape (B, T, d_model) = (B, T, {self.d_model}), "
-                             f"got {tuple(query.shape)}")
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if x.dim() != 3 or x.shape[-1] != self.d_model:
-                raise ValueError(f"{name} must have shape (B, T, d_model) with d_model={self.d_model}, "
-                                 f"got {tuple(x.shape)}")
-            if x.shape[0] != query.shape[0]:
-                raise ValueError(f"batch size of {name} {tuple(x.shape)} does not match query "
-                                 f"{tuple(query.shape)}; expected ({query.shape[0]}, T, {self.d_model})")
-            if x.shape[1] != query.shape[1]:
-                raise ValueError(f"{name} must have the same length as query for local attention: "
-                                 f"expected ({query.shape[0]}, {query.shape[1]}, {self.d_model}), "
-                                 f"got {tuple(x.shape)}")
-
-    def _check_mask(self, mask, B, T):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+    def _check_key_mask(self, mask, B, T):
+        """`mask` may only hide keys (the same for every query): 4-D broadcastable to (B, H, 1, T)."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got {got}")
         expected = (B, self.num_heads, 1, T)
         if mask.dim() != 4 or any(m not in (1, e) for m, e in zip(mask.shape, expected)):
-            raise ValueError(f"mask must be a key-padding mask broadcastable to (B, H, 1, T) = {expected}, "
-                             f"e.g. (B, 1, 1, T) = ({B}, 1, 1, {T}); got {tuple(mask.shape)}")
+            raise ValueError(f"mask must be a per-key mask broadcastable to (B, H, 1, T) = {expected}, "
+                             f"got {tuple(mask.shape)}; for padding pass key_padding_mask of shape (B, T) = "
+                             f"({B}, {T}); a dense (T, T) mask is not supported (the window is the mask)")
 
     # ---------------------------------------------------------------- forward
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None,
                 value: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                need_weights: bool = False
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         key = query if key is None else key
         value = key if value is None else value
-        self._check_inputs(query, key, value)
+        _check_sequence(query, "query", self.d_model, "d_model")
+        _check_sequence(key, "key", self.d_model, "d_model")
+        _check_sequence(value, "value", self.d_model, "d_model")
+        _check_matching(query, "query", key, "key", 0, "batch size")
+        _check_matching(query, "query", key, "key", 1, "length")  # the window lives on ONE sequence
+        _check_matching(key, "key", value, "value", 0, "batch size")
+        _check_matching(key, "key", value, "value", 1, "length")
         B, T, _ = query.shape
         H, Dh = self.num_heads, self.head_dim
         if mask is not None:
-            self._check_mask(mask, B, T)
+            self._check_key_mask(mask, B, T)
+        _check_key_padding_mask(key_padding_mask, B, T)
+        if key_padding_mask is not None:
+            padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+            mask = padding if mask is None else mask & padding  # (B, H|1, 1, T): one row of real keys
 
         q = self.q_proj(query).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(key).view(B, T, H, Dh).transpose(1, 2)    # (B, H, T, Dh)
@@ -203,7 +202,8 @@ class LocalAttention(nn.Module):
         return dense[:, :, :T, b:b + T]                                   # (B, H, T, T)
 
 
-if __name__ == "__main__":
+def _demo() -> None:
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, T, d_model, num_heads, window = 2, 11, 16, 4, 3
     attn = LocalAttention(d_model, num_heads, window).eval()
@@ -223,3 +223,63 @@ if __name__ == "__main__":
     diff = (attn(x) - dense).abs().max().item()
     print(f"max |blocked - dense band-masked attention| = {diff:.2e}")
     assert diff < 1e-5
+
+
+# =====================================================================================================
+# Input checks and mask helpers, identical letter for letter in every mechanism file that uses them
+# (tests/test_shared_helpers.py compares the copies). Fix one copy, fix them all.
+# =====================================================================================================
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless `dropout` is a probability in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    """Raise unless `value` is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_divisible(numerator: int, numerator_name: str, denominator: int, denominator_name: str) -> None:
+    """Raise unless `denominator` divides `numerator` (both already checked positive)."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator_name}={numerator} is not divisible by {denominator_name}={denominator}; "
+                         f"choose {numerator_name} as a multiple of {denominator_name}")
+
+
+def _check_sequence(x: torch.Tensor, name: str, width: int, width_name: str) -> None:
+    """Raise unless `x` is a batch-first (B, T, width) tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
+
+
+def _check_matching(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str,
+                    dim: int, dim_name: str) -> None:
+    """Raise unless `other` has the same size as `reference` along `dim` (no silent broadcast)."""
+    if other.size(dim) != reference.size(dim):
+        raise ValueError(
+            f"{other_name} has {dim_name} {other.size(dim)} but {reference_name} has {reference.size(dim)}; "
+            f"they must match (got {other_name} of shape {tuple(other.shape)} and {reference_name} of shape "
+            f"{tuple(reference.shape)})"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask: Optional[torch.Tensor], batch: int, tk: int) -> None:
+    """Raise unless `key_padding_mask` is None or a (B, Tk) boolean tensor, True = a real token."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; convert a 0/1 mask with key_padding_mask.bool()")
+    if tuple(key_padding_mask.shape) != (batch, tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = "
+                         f"({batch}, {tk})")
+
+
+if __name__ == "__main__":
+    _demo()

@@ -132,7 +132,7 @@ class MultiHeadAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/multi_head_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     d_model, num_heads = 32, 4
     mha = MultiHeadAttention(d_model, num_heads).eval()

@@ -231,7 +231,7 @@ class LuongAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/multiplicative_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, Tq, Tk, D = 2, 3, 7, 8
     h_t, h_s = torch.randn(B, Tq, D), torch.randn(B, Tk, D)

@@ -310,7 +310,7 @@ def _attend(q, k, v, allowed, bias, scale, dropout_p, need_weights):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/relative_position.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     B, T, d_model, num_heads = 2, 9, 16, 4
     x = torch.randn(B, T, d_model)

@@ -107,7 +107,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _demo() -> None:
-    """The demo `python mechanisms/scaled_dot_product_attention.py` runs (called at the end of the file, after the helpers)."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)  # Tq=5 < Tk=7
     out, weights = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=True)

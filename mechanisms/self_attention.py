@@ -110,7 +110,7 @@ class SelfAttention(nn.Module):
 
 
 def _demo() -> None:
-    """Demo of `python mechanisms/self_attention.py`; the guard at the end of the file calls it."""
+    """The demo; the guard at the very end of the file calls it, once the shared helpers exist."""
     torch.manual_seed(0)
     d_model = 16
     attention = SelfAttention(d_model).eval()

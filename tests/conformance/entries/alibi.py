@@ -19,7 +19,8 @@ ENTRIES = [
           zero_grad=("k_proj.bias",)),
 ]
 NOT_ENTRIES = {
-    "alibi_slopes": "the fixed head slopes, a pure function of num_heads; tests/test_alibi.py::test_slopes_follow_the_paper",
+    "alibi_slopes": "the fixed head slopes, a pure function of num_heads; "
+                    "tests/test_alibi.py::test_slopes_follow_the_paper",
     "alibi_bias": "the bias matrix of eq. (3), no attention; "
                   "tests/test_alibi.py::test_bias_values_and_shift_invariance_along_diagonals",
 }

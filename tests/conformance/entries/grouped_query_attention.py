@@ -10,8 +10,8 @@ ENTRIES = [
           zero_grad=("k_proj.bias",)),
 ]
 NOT_ENTRIES = {
-    "kv_cache_bytes": "arithmetic on integers, no attention; "
-                      "tests/test_grouped_query_attention.py::test_kv_cache_bytes_counts_the_bytes_of_real_cached_tensors",
-    "kv_cache_table": "a table of published model shapes; "
-                      "tests/test_grouped_query_attention.py::test_kv_cache_table_follows_the_formula_and_the_page_shows_it",
+    "kv_cache_bytes": "arithmetic on integers, no attention; tests/test_grouped_query_attention.py::"
+                      "test_kv_cache_bytes_counts_the_bytes_of_real_cached_tensors",
+    "kv_cache_table": "a table of published model shapes; tests/test_grouped_query_attention.py::"
+                      "test_kv_cache_table_follows_the_formula_and_the_page_shows_it",
 }

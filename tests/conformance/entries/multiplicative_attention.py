@@ -1,18 +1,24 @@
-"""Conformance entry for mechanisms/multiplicative_attention.py (Luong attention).
+"""Conformance entries for mechanisms/multiplicative_attention.py (Luong attention), one per configuration.
 
-The entry is the "general" score with global alignment: it has parameters (W_a and its bias), a fused
-path (PyTorch's kernel with scale 1) and an explicit one. Luong attention has no dropout, no output
-projection (a row with no visible key returns exactly zero) and no causal form (it is decoder-to-encoder
-attention). The other scores and local-p alignment are checked against explicit loops in
-tests/test_multiplicative_attention.py, which also keeps their fused/explicit and gradient checks.
+Every score (dot, general, concat) with both alignments (global, local-p). Luong attention has no dropout,
+no output projection (a row with no visible key returns exactly zero) and no causal form (it is
+decoder-to-encoder attention). "dot" needs key_dim == query_dim. With local-p the returned weights are the
+window softmax times a Gaussian, so their rows sum to less than 1 (page eq. (7)).
 """
 from mechanisms.multiplicative_attention import LuongAttention
 from tests.conformance.registry import Entry, zero_row
 
-ENTRIES = [
-    Entry(name="multiplicative_attention.LuongAttention",
-          build=lambda **kw: LuongAttention(query_dim=8, key_dim=6, score="general", bias=True, **kw),
-          d_model=8, d_kv=6, d_out=6, num_heads=1, masks=frozenset({"mask", "key_padding_mask"}),
-          dropout=False, empty_row=zero_row),
-]
+
+def _entry(score, alignment):
+    key_dim = 8 if score == "dot" else 6
+    options = dict(score=score, alignment=alignment, bias=score != "dot")
+    if alignment == "local-p":
+        options["window"] = 2
+    return Entry(name=f"multiplicative_attention.LuongAttention[{score}, {alignment}]",
+                 build=lambda **kw: LuongAttention(query_dim=8, key_dim=key_dim, **options, **kw),
+                 d_model=8, d_kv=key_dim, d_out=key_dim, num_heads=1, masks=frozenset({"mask", "key_padding_mask"}),
+                 dropout=False, empty_row=zero_row, weights_sum_to_one=alignment == "global")
+
+
+ENTRIES = [_entry(score, alignment) for score in ("dot", "general", "concat") for alignment in ("global", "local-p")]
 NOT_ENTRIES = {}
