@@ -9,6 +9,12 @@ ENTRIES = [
           # a bias added to every key shifts all scores of a query row by the same q . b; all three maps
           # (top-k, sparsemax, entmax) are invariant to such a shift, as softmax is
           zero_grad=("k_proj.bias",)),
+    Entry(name="sparse_attention.SparseAttention[sparsemax]",
+          build=lambda **kw: SparseAttention(d_model=8, num_heads=2, method="sparsemax", **kw),
+          d_model=8, num_heads=2, empty_row=bias_row("out_proj"), zero_grad=("k_proj.bias",)),
+    Entry(name="sparse_attention.SparseAttention[topk]",
+          build=lambda **kw: SparseAttention(d_model=8, num_heads=2, method="topk", top_k=3, **kw),
+          d_model=8, num_heads=2, empty_row=bias_row("out_proj"), zero_grad=("k_proj.bias",)),
 ]
 NOT_ENTRIES = {
     "sparsemax": "a map from scores to weights, not a module on sequences; "
