@@ -12,21 +12,24 @@ Reading order (each part uses only what came before it):
 3. ``MultiHeadAttention``            projections, heads, masks, cache, rotary hook
 4. Positions: ``SinusoidalPositionalEncoding`` (the paper's, default), ``LearnedPositionalEmbedding``,
    ``RotaryEmbedding``
-5. ``FeedForward`` (ReLU, GELU, SwiGLU), ``RMSNorm``, ``make_norm``; pre-norm or post-norm residuals
+5. ``FeedForward`` (ReLU, GELU exact or tanh, SwiGLU), ``RMSNorm``, ``make_norm``; pre-norm or post-norm residuals
 6. Blocks: ``EncoderBlock``, ``DecoderBlock`` (masked self-attention + cross-attention), ``DecoderOnlyBlock``
-7. Models: ``Transformer`` (decoder-only language model with ``generate``), ``EncoderDecoderTransformer``
-   (the paper's translation model with ``greedy_decode``), ``EncoderTransformer`` (BERT-style, MLM head);
-   all three share saving, loading and parameter counting
+7. Models: ``Transformer`` (decoder-only language model with ``generate``; ``Transformer.from_gpt2`` loads
+   a Hugging Face GPT-2 checkpoint into it), ``EncoderDecoderTransformer`` (the paper's translation model
+   with ``greedy_decode``), ``EncoderTransformer`` (BERT-style, MLM head); all three share saving,
+   loading and parameter counting
 8. A demo under ``if __name__ == "__main__"``: train a small model to reverse digit strings, then generate.
 
 Conventions (the project's DESIGN.md): tensors are batch-first ``(B, T, E)``; inside attention they are
 ``(B, H, T, Dh)``. A boolean ``mask`` means True = *may attend*, broadcastable to ``(B, H, Tq, Tk)``, the
-convention of ``torch.nn.functional.scaled_dot_product_attention``; ``is_causal=True`` adds the causal mask.
-A query whose keys are all masked gets a zero output, never NaN.
+convention of ``torch.nn.functional.scaled_dot_product_attention``; ``key_padding_mask`` (B, Tk) marks the
+real tokens with True; ``is_causal=True`` adds the causal mask; the three combine by AND. A query whose
+keys are all masked gets a zero output, never NaN.
 
 Only ``torch`` and the standard library are imported, so the file can be copied into any project.
 """
 
+import json
 import math
 import os
 import tempfile
@@ -52,26 +55,41 @@ Tensor = torch.Tensor
 
 def _check_mask(mask: Tensor, expected: Tuple[int, int, int, int], name: str = "mask") -> None:
     """Refuse a mask that is not bool or that would only fit ``expected`` by an accidental broadcast."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.bool tensor (True = may attend), got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(
-            f"{name} must have dtype torch.bool (True = may attend), got {mask.dtype}; "
-            f"for a key padding mask use (ids != pad_id)"
-        )
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a torch.bool tensor (True = may attend), got {got}; "
+                        f"convert a 0/1 mask with {name}.bool()")
     B, H, Tq, Tk = expected
-    # Only 2-D (Tq, Tk) or 4-D masks: a 3-D mask is ambiguous between (B, Tq, Tk) and (H, Tq, Tk).
-    if mask.dim() not in (2, 4):
+    # Only 2-D (Tq, Tk) or 4-D masks: a 3-D mask is ambiguous between (B, Tq, Tk) and (H, Tq, Tk), and a
+    # 2-D (B, Tk) padding mask cannot be told from (Tq, Tk) when B == Tq: padding has its own argument.
+    if mask.dim() == 2:
+        fits = mask.shape[0] in (1, Tq) and mask.shape[1] in (1, Tk)
+    elif mask.dim() == 4:
+        fits = all(got in (1, want) for got, want in zip(mask.shape, expected))
+    else:
+        fits = False
+    if not fits:
         raise ValueError(
-            f"{name} must have 2 dims (Tq, Tk) = ({Tq}, {Tk}) or 4 dims broadcastable to (B, H, Tq, Tk) = "
-            f"{expected}, got shape {tuple(mask.shape)}; a key padding mask has shape (B, 1, 1, Tk) = ({B}, 1, 1, {Tk})"
+            f"{name} has shape {tuple(mask.shape)}, expected (Tq, Tk) = ({Tq}, {Tk}) or a 4-D shape broadcastable "
+            f"to (B, H, Tq, Tk) = {tuple(expected)} (each dimension 1 or equal); for padding pass "
+            f"key_padding_mask of shape (B, Tk) = ({B}, {Tk}) instead"
         )
-    for got, want in zip(mask.shape, expected[-mask.dim():]):
-        if got != 1 and got != want:
-            raise ValueError(
-                f"{name} has shape {tuple(mask.shape)}, which is not broadcastable to (B, H, Tq, Tk) = {expected}; "
-                f"a key padding mask has shape (B, 1, 1, Tk) = ({B}, 1, 1, {Tk})"
-            )
+
+
+def _check_key_padding_mask(key_padding_mask: Tensor, B: int, Tk: int) -> None:
+    """Refuse a key padding mask that is not a (B, Tk) bool tensor, True = a real token."""
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a torch.bool tensor (True = a real token that may be "
+                        f"attended), got {got}; build it as (ids != pad_id)")
+    if tuple(key_padding_mask.shape) != (B, Tk):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B, Tk) = ({B}, {Tk})")
+
+
+def _check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise unless ``dropout`` is a probability in [0, 1) (1 would drop everything)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {dropout!r}")
 
 
 def _causal_mask(Tq: int, Tk: int, device: torch.device) -> Tensor:
@@ -88,6 +106,7 @@ def scaled_dot_product_attention(
     key: Tensor,
     value: Tensor,
     mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
@@ -99,8 +118,10 @@ def scaled_dot_product_attention(
     query (B, H, Tq, Dh), key (B, H, Tk, Dh), value (B, H, Tk, Dv) -> (B, H, Tq, Dv);
     with ``need_weights=True`` -> (output, weights (B, H, Tq, Tk)), weights taken before dropout.
 
-    ``mask``: bool, True = may attend, (Tq, Tk) or broadcastable 4-D such as (B, 1, 1, Tk).
+    ``mask``: bool, True = may attend, (Tq, Tk) or broadcastable 4-D such as (B, 1, Tq, Tk).
+    ``key_padding_mask``: bool (B, Tk), True = a real token (``ids != pad_id``).
     ``is_causal``: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, what a KV cache needs).
+    The three combine by logical AND.
     ``fused``: None picks the fused kernel ``F.scaled_dot_product_attention`` unless weights are wanted
     (the kernel never materialises them); False forces the explicit path; True with need_weights is an error.
     A query row with every key masked returns zeros on both paths.
@@ -108,7 +129,7 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be 4-D (B, H, T, D), got {got}")
+            raise ValueError(f"{name} must have shape (B, H, T, Dh) (4 dims), got {got}")
     B, H, Tq, Dh = query.shape
     Tk = key.shape[-2]
     if key.shape[:2] != (B, H) or value.shape[:2] != (B, H):
@@ -122,6 +143,11 @@ def scaled_dot_product_attention(
         raise ValueError(f"value has {value.shape[-2]} positions, expected the key's {Tk} (value {tuple(value.shape)})")
     if mask is not None:
         _check_mask(mask, (B, H, Tq, Tk))
+    _check_dropout(dropout_p, "dropout_p")
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, B, Tk)
+        padding = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk): the same real keys for every head and query
+        mask = padding if mask is None else mask & padding  # (B, .., .., Tk)
     if fused is None:
         fused = not need_weights
     elif fused and need_weights:
@@ -253,7 +279,9 @@ class MultiHeadAttention(nn.Module):
 
     ``forward(query (B, Tq, E), key=None, value=None, ...)``: ``key=None`` means self-attention
     (key = value = query). ``mask`` is bool, True = may attend, (Tq, Tk) or broadcastable 4-D such as
-    (B, 1, 1, Tk). ``cache`` (a ``KVCache``) appends this call's keys and values and attends over all
+    (B, 1, Tq, Tk); ``key_padding_mask`` is bool (B, Tk), True = a real token; ``is_causal`` adds the
+    bottom-right aligned causal mask; the three combine by AND. With a cache, Tk counts the cached keys
+    too. ``cache`` (a ``KVCache``) appends this call's keys and values and attends over all
     cached ones; ``rotary`` (a ``RotaryEmbedding``) rotates queries and keys by their ``positions`` (an
     int offset or a (Tq,) tensor; default: the cache length, else 0). Returns (B, Tq, E), or
     (output, weights (B, H, Tq, Tk)) with ``need_weights=True``.
@@ -269,12 +297,14 @@ class MultiHeadAttention(nn.Module):
         vdim: Optional[int] = None,
     ):
         super().__init__()
-        if d_model <= 0 or num_heads <= 0 or d_model % num_heads != 0:
-            raise ValueError(
-                f"d_model must be a positive multiple of num_heads, got d_model={d_model}, num_heads={num_heads}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, value in (("d_model", d_model), ("num_heads", num_heads),
+                            ("kdim", d_model if kdim is None else kdim), ("vdim", d_model if vdim is None else vdim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                             f"choose d_model as a multiple of num_heads")
+        _check_dropout(dropout)
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
@@ -308,6 +338,7 @@ class MultiHeadAttention(nn.Module):
         key: Optional[Tensor] = None,
         value: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
         need_weights: bool = False,
         cache: Optional[KVCache] = None,
@@ -318,9 +349,11 @@ class MultiHeadAttention(nn.Module):
             key = query
         if value is None:
             value = key
-        for name, t, width in (("query", query, self.d_model), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.dim() != 3 or t.shape[-1] != width:
-                raise ValueError(f"{name} must have shape (B, T, {width}), got {tuple(t.shape)}")
+        for name, t, width, width_name in (("query", query, self.d_model, "d_model"), ("key", key, self.kdim, "kdim"),
+                                           ("value", value, self.vdim, "vdim")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != width:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape (B, T, {width_name}) = (B, T, {width}), got {got}")
         B, Tq, E = query.shape
         if key.shape[0] != B or value.shape[0] != B:
             raise ValueError(
@@ -329,6 +362,12 @@ class MultiHeadAttention(nn.Module):
             )
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have the same length: key {tuple(key.shape)}, value {tuple(value.shape)}")
+        # Check the masks before the cache is touched: a refused call must leave the cache as it was.
+        Tk = key.shape[1] + (cache.length if cache is not None else 0)  # keys attended: cached + new
+        if mask is not None:
+            _check_mask(mask, (B, self.num_heads, Tq, Tk))
+        if key_padding_mask is not None:
+            _check_key_padding_mask(key_padding_mask, B, Tk)
 
         if self.fused_projection and key is query and value is query:
             # Self-attention: one matmul for Q, K and V. The view splits the 3E outputs into
@@ -361,11 +400,10 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H, cached + Tk, Dh)
 
-        if mask is not None:
-            _check_mask(mask, (B, self.num_heads, Tq, k.shape[-2]))
         dropout_p = self.dropout if self.training else 0.0
         out = scaled_dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, need_weights=need_weights
+            q, k, v, mask=mask, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=dropout_p,
+            need_weights=need_weights,
         )
         weights = None
         if need_weights:
@@ -397,14 +435,15 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
-        position = torch.arange(max_seq_len, dtype=torch.float32).unsqueeze(1)  # (L, 1)
-        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(base) / d_model))  # (E/2,)
-        table = torch.zeros(max_seq_len, d_model)  # (L, E)
+        # Computed in float64, stored in float32: a float32 angle p * omega at p = 1000 is off by ~1e-4.
+        position = torch.arange(max_seq_len, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(base) / d_model))  # (E/2,)
+        table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)  # (L, E)
         table[:, 0::2] = torch.sin(position * inv_freq)  # eq. (5)
         table[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]  # eq. (5)
         # A buffer, not a parameter: it moves with .to(device) and is computed once, not per step.
         # Not persistent: it is a function of the config, so checkpoints need not carry it.
-        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("table", table.float(), persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         return x + self.table[offset: offset + x.shape[1]].to(x.dtype)  # (B, T, E)
@@ -442,11 +481,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (Dh/2,)  theta_i
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (L, Dh/2)
+        # Angles in float64, tables stored in float32 (as for the sinusoidal table).
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (Dh/2,)  theta_i
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (L, Dh/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, Dh): channel i and i + Dh/2 share an angle
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: Tensor, positions: Union[int, Tensor] = 0) -> Tensor:
         T = x.shape[-2]
@@ -475,6 +515,9 @@ class RotaryEmbedding(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise feed-forward: ReLU (the paper's, eq. (8)), GELU, or SwiGLU (eq. (9)).
 
+    ``activation``: ``"relu"``; ``"gelu"`` (exact, with erf, as BERT and ``nn.GELU()``); ``"gelu_tanh"``
+    (the tanh approximation GPT-2 was trained with, Hugging Face's ``"gelu_new"``); ``"swiglu"``.
+
     SwiGLU multiplies a SiLU-gated projection with a second projection; ``linear1`` produces both at
     once (2 * ff_dim outputs), so at equal ``ff_dim`` it has 1.5x the parameters of the others (LLaMA
     shrinks ff_dim by 2/3 to compensate; we leave that choice to the caller).
@@ -482,8 +525,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, ff_dim: int, dropout: float = 0.0, activation: str = "relu", bias: bool = True):
         super().__init__()
-        if activation not in ("relu", "gelu", "swiglu"):
-            raise ValueError(f"activation must be 'relu', 'gelu' or 'swiglu', got {activation!r}")
+        if activation not in ("relu", "gelu", "gelu_tanh", "swiglu"):
+            raise ValueError(f"activation must be 'relu', 'gelu', 'gelu_tanh' or 'swiglu', got {activation!r}")
         self.activation = activation
         hidden_out = 2 * ff_dim if activation == "swiglu" else ff_dim
         self.linear1 = nn.Linear(d_model, hidden_out, bias=bias)
@@ -496,6 +539,10 @@ class FeedForward(nn.Module):
             h = F.relu(h)  # eq. (8)
         elif self.activation == "gelu":
             h = F.gelu(h)  # eq. (8) with GELU in place of max(0, .)
+        elif self.activation == "gelu_tanh":
+            # GPT-2's approximation 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))); differs from the exact
+            # GELU by up to 5e-4, enough to break equality with a published GPT-2's logits.
+            h = F.gelu(h, approximate="tanh")
         else:
             gate, up = h.chunk(2, dim=-1)  # 2 x (B, T, F)
             h = F.silu(gate) * up  # (B, T, F)  eq. (9)
@@ -750,8 +797,7 @@ def _check_dims(embed_dim: int, num_heads: int, dropout: float, **positive) -> N
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if embed_dim % num_heads != 0:
         raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    _check_dropout(dropout)
 
 
 def _init_arguments(init_locals: dict) -> dict:
@@ -780,16 +826,25 @@ class _SavableModel(nn.Module):
     def _embed(self, ids: Tensor, table: nn.Embedding, offset: int = 0) -> Tensor:
         # eq. (13): scale the embedding by sqrt(E). Embeddings start with std E^-1/2 (so that the tied
         # output layer starts with logits of unit scale, eq. (14)); times sqrt(E) they have unit scale,
-        # the same as the positional codes they are added to.
+        # the same as the positional codes they are added to. GPT-2 and BERT do not scale
+        # (scale_embeddings=False, _emb_scale = 1).
         x = table(ids) * self._emb_scale  # (B, T, E)
         if self.pos is not None:
             x = self.pos(x, offset)  # (B, T, E)
         return self.drop(x)
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write config and weights to ``path`` atomically: a crash mid-write never leaves a torn file."""
+    def save(self, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> None:
+        """Write class name, config and weights to ``path`` atomically: a crash mid-write never leaves a torn file.
+
+        The file is a dict ``{"class": "Transformer", "config": {...}, "state_dict": {...}, "extra": extra}``.
+        ``extra`` is the place for a training script's own state (optimizer and scheduler state dicts,
+        step, RNG states, its arguments): anything ``torch.load(weights_only=True)`` reads back, i.e.
+        tensors, numbers, strings, None, and lists, tuples and dicts of them. ``load`` ignores it unless
+        asked (``return_extra=True``).
+        """
         path = os.fspath(path)
-        payload = {"class": type(self).__name__, "config": self.config, "state_dict": self.state_dict()}
+        payload = {"class": type(self).__name__, "config": self.config, "state_dict": self.state_dict(),
+                   "extra": extra}
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
         try:
@@ -804,14 +859,33 @@ class _SavableModel(nn.Module):
             raise
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], map_location=None):
-        """Rebuild a model saved by ``save``. ``weights_only=True``: the file is data, never code to run."""
+    def load(cls, path: Union[str, os.PathLike], map_location=None, *, return_extra: bool = False):
+        """Rebuild a model saved by ``save``; the model comes back in **eval mode** (dropout off).
+
+        Call ``model.train()`` to go on training. With ``return_extra=True`` returns ``(model, extra)``,
+        ``extra`` as given to ``save`` (None if none was). ``weights_only=True``: the file is data, never
+        code to run. A file in any other layout (a bare state dict, or an example's checkpoint from before
+        the examples saved through ``save``) is refused with a ``ValueError`` that says what it holds.
+        """
         payload = torch.load(path, map_location=map_location, weights_only=True)
-        if payload.get("class") != cls.__name__:
-            raise ValueError(f"path holds a {payload.get('class')!r} checkpoint, not a {cls.__name__}")
+        if not isinstance(payload, dict) or not {"class", "config", "state_dict"} <= payload.keys():
+            if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+                what = "a bare state dict"
+                hint = f"build the model with its constructor and call load_state_dict(torch.load({os.fspath(path)!r}))"
+            else:
+                keys = sorted(map(str, payload.keys())) if isinstance(payload, dict) else type(payload).__name__
+                what = f"a checkpoint in another format (keys {keys})"
+                hint = ("an example's checkpoint from before they saved through Transformer.save cannot be opened "
+                        "here: re-run the example, or rebuild the model from its config and load its 'model' state dict")
+            raise ValueError(f"{os.fspath(path)!r} holds {what}, not one written by {cls.__name__}.save "
+                             f"(a dict with 'class', 'config' and 'state_dict'); {hint}")
+        if payload["class"] != cls.__name__:
+            raise ValueError(f"{os.fspath(path)!r} holds a {payload['class']!r} checkpoint, not a {cls.__name__}; "
+                             f"open it with {payload['class']}.load")
         model = cls(**payload["config"])
         model.load_state_dict(payload["state_dict"])
-        return model
+        model.eval()
+        return (model, payload.get("extra")) if return_extra else model
 
 
 def _init_embedding(table: nn.Embedding, embed_dim: int) -> None:
@@ -824,8 +898,13 @@ class Transformer(_SavableModel):
     ``Transformer(vocab_size, embed_dim, num_heads, num_layers, ff_dim, max_seq_length, dropout=0.1)`` is the
     seed project's published constructor and still works unchanged. Options, by keyword:
     ``position`` ("sinusoidal" default, "learned", "rotary"), ``norm`` ("layernorm", "rmsnorm"),
-    ``norm_first`` (True: pre-norm), ``activation`` ("gelu", "relu", "swiglu"), ``tie_weights`` (True:
-    the output layer reuses the embedding matrix, eq. (14)), ``bias``.
+    ``norm_first`` (True: pre-norm), ``activation`` ("gelu", "gelu_tanh", "relu", "swiglu"),
+    ``tie_weights`` (True: the output layer reuses the embedding matrix, eq. (14)), ``bias``,
+    ``scale_embeddings`` (True: multiply the token embeddings by sqrt(E), eq. (13)).
+
+    GPT-2 is ``position="learned", norm="layernorm", norm_first=True, activation="gelu_tanh",
+    tie_weights=True, bias=True, scale_embeddings=False`` with ``ff_dim = 4 * embed_dim``;
+    ``Transformer.from_gpt2(folder)`` builds it that way and loads a Hugging Face GPT-2 checkpoint.
 
     ``forward(input_ids (B, T), targets=None, return_attention=False, *, cache=None)``:
     logits (B, T, V); with targets (B, T): (logits, loss), loss the mean cross-entropy (eq. (15)) over
@@ -853,6 +932,7 @@ class Transformer(_SavableModel):
         activation: str = "gelu",
         tie_weights: bool = True,
         bias: bool = True,
+        scale_embeddings: bool = True,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
@@ -861,7 +941,7 @@ class Transformer(_SavableModel):
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
-        self._emb_scale = math.sqrt(embed_dim)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
         self.drop = nn.Dropout(dropout)
@@ -877,6 +957,40 @@ class Transformer(_SavableModel):
             # eq. (14): reading a token in and writing it out use the same vector. Fewer parameters, and
             # every output row gets a gradient whenever its token appears in the input too.
             self.lm_head.weight = self.token_embedding.weight
+
+    @classmethod
+    def from_gpt2(cls, source, config=None, *, dropout: Optional[float] = None, map_location="cpu") -> "Transformer":
+        """Build GPT-2 from a checkpoint in the Hugging Face layout; never downloads anything.
+
+        ``source`` is either a folder holding ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json``, or ``pytorch_model.bin``), as written by ``save_pretrained``,
+        or a state dict (``GPT2LMHeadModel.state_dict()``, names with or without ``transformer.``),
+        with its config passed as ``config`` (a dict such as ``config.json``'s, or an object with
+        ``to_dict()`` such as ``GPT2Config``). The model is ``Transformer(..., position="learned",
+        norm_first=True, activation="gelu_tanh", scale_embeddings=False)``; the Conv1D weights of GPT-2,
+        stored (in, out), are transposed into our Linear layers' (out, in). A missing tensor, one of the
+        wrong shape, or one this model has no place for is refused with a ``ValueError`` naming it.
+        ``dropout`` defaults to the config's ``resid_pdrop``. The weights are read onto the CPU
+        (``map_location`` applies to ``pytorch_model.bin``); move the model with ``.to(device)``.
+        Returns the model in float32 and in eval mode.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            if config is not None:
+                raise ValueError("config is read from the folder's config.json; pass config only with a state dict")
+            config, state = _read_gpt2_folder(os.fspath(source), map_location)
+        elif isinstance(source, dict):
+            if config is None:
+                raise ValueError("a GPT-2 state dict needs its config: from_gpt2(state_dict, config=...)")
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            state = source
+        else:
+            raise TypeError(f"source must be a folder path or a state dict, got {type(source).__name__}")
+        options = _gpt2_options(config)
+        if dropout is None:
+            dropout = float(config.get("resid_pdrop", 0.1))
+        model = cls(dropout=dropout, **options)
+        model.load_state_dict(_gpt2_state_dict(state, options))
+        return model.eval()
 
     def new_cache(self) -> List[KVCache]:
         """One empty ``KVCache`` per layer, for ``forward(..., cache=...)``."""
@@ -921,6 +1035,7 @@ class Transformer(_SavableModel):
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         use_cache: bool = True,
+        generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to each row of ``input_ids`` (B, T) -> (B, T + new).
 
@@ -930,7 +1045,9 @@ class Transformer(_SavableModel):
         the same tokens. (With sinusoidal or learned positions the cropped window restarts at position 0,
         as it does without the cache; a sliding cache that kept old keys would be cheaper but would not
         equal recomputation, because those keys were computed in a context that has since been cropped.)
-        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        Runs in eval mode (no dropout) and restores the previous mode afterwards. ``generator`` (a
+        ``torch.Generator`` on the model's device) makes the sampling reproducible without touching the
+        global random state.
         """
         _check_ids(input_ids, "input_ids", self.vocab_size)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -954,7 +1071,7 @@ class Transformer(_SavableModel):
                         logits = self(ids[:, -L:], cache=cache)[:, -1]  # (B, V): prefill the window
                     else:
                         logits = self(ids[:, -1:], cache=cache)[:, -1]  # (B, V): only the newest token
-                    next_id = sample_next_token(logits, temperature, top_k, top_p)  # (B, 1)
+                    next_id = sample_next_token(logits, temperature, top_k, top_p, generator=generator)  # (B, 1)
                     ids = torch.cat([ids, next_id], dim=1)  # (B, T + 1)
         finally:
             self.train(was_training)
@@ -971,14 +1088,19 @@ def _check_sampling(temperature, top_k, top_p) -> None:
 
 
 def sample_next_token(
-    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Pick one token per row from logits (B, V) -> (B, 1), eqs. (16)-(17).
 
     Temperature divides the logits (eq. (16)): below 1 it sharpens the distribution, 0 means argmax.
     ``top_k`` keeps the k most likely tokens; ``top_p`` keeps the smallest set of most likely tokens whose
     probability reaches p (the nucleus, eq. (17)), which adapts the number of candidates to how sure the
-    model is. Both cut off the long tail of unlikely tokens that make samples derail.
+    model is. Both cut off the long tail of unlikely tokens that make samples derail. ``generator``
+    (optional) is passed to ``torch.multinomial``.
     """
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
@@ -995,7 +1117,161 @@ def sample_next_token(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # (B, V)
     probs = logits.softmax(dim=-1)  # (B, V)  eq. (16)
-    return torch.multinomial(probs, num_samples=1)  # (B, 1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a GPT-2 checkpoint (Transformer.from_gpt2)
+# ---------------------------------------------------------------------------------------------------------
+#
+# GPT-2 is this file's decoder-only model with four options set: learned positions, the tanh GELU, no
+# sqrt(E) embedding scale, biases everywhere; the rest (pre-norm LayerNorm with eps 1e-5, a final norm,
+# the tied output layer, 1/sqrt(Dh) attention, a 4E feed-forward) are already the defaults. What
+# differs is only where the weights are stored, and one trap: GPT-2's "Conv1D" layers keep their weight
+# as (in, out), the transpose of nn.Linear's (out, in). A square matrix (attn.c_proj) loads without
+# complaint either way, so only equal logits prove the transpose right (tests/test_transformer_gpt2.py).
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+# safetensors: 8 bytes of little-endian header length, a JSON header {name: {dtype, shape,
+# data_offsets}}, then the raw little-endian bytes. Simple enough to read without the package.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: str) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    start_of_data = 8 + n
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this reader does not know")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if end - begin != numel * dtype.itemsize or start_of_data + end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} of shape {info['shape']} does not fit its byte range")
+        raw = bytearray(data[start_of_data + begin: start_of_data + end])  # a writable copy for frombuffer
+        flat = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        state[name] = flat.reshape(info["shape"])
+    return state
+
+
+def _read_gpt2_folder(folder: str, map_location) -> Tuple[dict, dict]:
+    """(config, state dict) from a folder written by ``save_pretrained``."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"source {folder!r} is not a folder; from_gpt2 never downloads: save the model with "
+            f"save_pretrained(folder) (or download it yourself) and pass the folder"
+        )
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder!r} has no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    pickled = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(single):
+        state = _read_safetensors(single)
+    elif os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(_read_safetensors(os.path.join(folder, shard)))
+    elif os.path.isfile(pickled):
+        state = torch.load(pickled, map_location=map_location, weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder!r} holds none of model.safetensors, model.safetensors.index.json, "
+                                f"pytorch_model.bin")
+    return config, state
+
+
+def _gpt2_options(config: dict) -> dict:
+    """Our constructor's arguments for a GPT-2 config; refuses the variants this model cannot express."""
+    if config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config has model_type={config['model_type']!r}, expected 'gpt2'")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in _GPT2_ACTIVATIONS:
+        raise ValueError(f"config has activation_function={activation!r}; supported: {sorted(_GPT2_ACTIVATIONS)}")
+    eps = config.get("layer_norm_epsilon", 1e-5)
+    unsupported = {
+        "layer_norm_epsilon": (eps, abs(eps - 1e-5) > 1e-12, "1e-05 (make_norm's eps)"),
+        "scale_attn_weights": (config.get("scale_attn_weights", True), not config.get("scale_attn_weights", True), "True"),
+        "scale_attn_by_inverse_layer_idx": (config.get("scale_attn_by_inverse_layer_idx", False),
+                                            bool(config.get("scale_attn_by_inverse_layer_idx", False)), "False"),
+        "add_cross_attention": (config.get("add_cross_attention", False),
+                                bool(config.get("add_cross_attention", False)), "False"),
+    }
+    for name, (value, bad, want) in unsupported.items():
+        if bad:
+            raise ValueError(f"config has {name}={value!r}; from_gpt2 supports only {name}={want}")
+    E = config["n_embd"]
+    return dict(
+        vocab_size=config["vocab_size"], embed_dim=E, num_heads=config["n_head"], num_layers=config["n_layer"],
+        ff_dim=config.get("n_inner") or 4 * E, max_seq_length=config["n_positions"], position="learned",
+        norm="layernorm", norm_first=True, activation=_GPT2_ACTIVATIONS[activation],
+        tie_weights=bool(config.get("tie_word_embeddings", True)), bias=True, scale_embeddings=False,
+    )
+
+
+def _gpt2_state_dict(state: dict, options: dict) -> dict:
+    """Rename and transpose a GPT-2 state dict into ours, checking every tensor's name and shape."""
+    V, E, F_, L = options["vocab_size"], options["embed_dim"], options["ff_dim"], options["max_seq_length"]
+    prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+    used = set()
+
+    def take(name: str, shape: tuple, conv1d: bool = False) -> Tensor:
+        full = prefix + name if name != "lm_head.weight" else name
+        if full not in state:
+            raise ValueError(f"the GPT-2 state dict has no tensor {full!r} (expected shape {shape})")
+        t = state[full]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"GPT-2 tensor {full!r} has shape {tuple(t.shape)}, expected {shape} for n_embd={E}, "
+                             f"n_inner={F_}, vocab_size={V}, n_positions={L}")
+        used.add(full)
+        return t.t() if conv1d else t  # Conv1D (in, out) -> Linear (out, in)
+
+    ours = {"token_embedding.weight": take("wte.weight", (V, E)), "pos.weight": take("wpe.weight", (L, E))}
+    for i in range(options["num_layers"]):
+        h, o = f"h.{i}.", f"layers.{i}."
+        pairs = [("ln_1.weight", "norm1.weight", (E,), False), ("ln_1.bias", "norm1.bias", (E,), False),
+                 ("attn.c_attn.weight", "self_attn.in_proj.weight", (E, 3 * E), True),
+                 ("attn.c_attn.bias", "self_attn.in_proj.bias", (3 * E,), False),
+                 ("attn.c_proj.weight", "self_attn.out_proj.weight", (E, E), True),
+                 ("attn.c_proj.bias", "self_attn.out_proj.bias", (E,), False),
+                 ("ln_2.weight", "norm2.weight", (E,), False), ("ln_2.bias", "norm2.bias", (E,), False),
+                 ("mlp.c_fc.weight", "ff.linear1.weight", (E, F_), True), ("mlp.c_fc.bias", "ff.linear1.bias", (F_,), False),
+                 ("mlp.c_proj.weight", "ff.linear2.weight", (F_, E), True),
+                 ("mlp.c_proj.bias", "ff.linear2.bias", (E,), False)]
+        for theirs, mine, shape, conv1d in pairs:
+            ours[o + mine] = take(h + theirs, shape, conv1d)
+        for buffer in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of older checkpoints: not weights
+            used.add(prefix + h + buffer)
+    ours["norm.weight"] = take("ln_f.weight", (E,))
+    ours["norm.bias"] = take("ln_f.bias", (E,))
+    if options["tie_weights"]:
+        if "lm_head.weight" in state:  # saved beside the embedding; must be the same matrix
+            if not torch.equal(take("lm_head.weight", (V, E)), ours["token_embedding.weight"]):
+                raise ValueError("GPT-2 tensor 'lm_head.weight' differs from 'wte.weight' although the config says "
+                                 "tie_word_embeddings=True")
+        ours["lm_head.weight"] = ours["token_embedding.weight"]
+    else:
+        ours["lm_head.weight"] = take("lm_head.weight", (V, E))
+    unexpected = sorted(k for k in state if k not in used)
+    if unexpected:
+        raise ValueError(f"the GPT-2 state dict has tensors this model has no place for: {unexpected[:5]}"
+                         + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    return ours
 
 
 class EncoderDecoderTransformer(_SavableModel):
@@ -1034,6 +1310,7 @@ class EncoderDecoderTransformer(_SavableModel):
         activation: str = "relu",
         tie_weights: bool = True,
         bias: bool = True,
+        scale_embeddings: bool = True,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
@@ -1045,7 +1322,7 @@ class EncoderDecoderTransformer(_SavableModel):
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
         self.pad_id = pad_id
-        self._emb_scale = math.sqrt(embed_dim)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
         self.src_embedding = nn.Embedding(src_vocab_size, embed_dim)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
@@ -1215,6 +1492,7 @@ class EncoderTransformer(_SavableModel):
         activation: str = "gelu",
         tie_weights: bool = True,
         bias: bool = True,
+        scale_embeddings: bool = True,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
@@ -1224,7 +1502,7 @@ class EncoderTransformer(_SavableModel):
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
         self.pad_id = pad_id
-        self._emb_scale = math.sqrt(embed_dim)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
         self.drop = nn.Dropout(dropout)

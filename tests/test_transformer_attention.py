@@ -137,6 +137,33 @@ def test_fully_masked_row_gives_zeros_not_nan(fused, dtype):
         assert not torch.isnan(t.grad).any()
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_row_with_no_visible_key_never_meets_an_empty_softmax(fused, monkeypatch):
+    # Zeroing such a row's output afterwards is not enough: a softmax over only -inf is NaN, kernels of
+    # torch < 2.5 (and some CUDA kernels) return NaN for it, and its backward is NaN even when the
+    # forward value is overwritten. So the row must reach the softmax with its keys unmasked. Checked
+    # here with anomaly mode (no backward step may produce NaN) and a spy on the fused kernel.
+    handed = []
+    kernel = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            handed.append(bool(attn_mask.any(dim=-1).all()))  # every row sees at least one key
+        return kernel(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v, _, _ = make_case(Tq=4, Tk=5, mask=None, is_causal=False)
+    q.requires_grad_(True)
+    m = torch.ones(2, 1, 4, 5, dtype=torch.bool)
+    m[0, :, 1] = False
+    with torch.autograd.detect_anomaly():
+        out = scaled_dot_product_attention(q, k, v, mask=m, fused=fused)
+        out.sum().backward()
+    assert torch.all(out[0, :, 1] == 0) and torch.isfinite(q.grad).all()
+    assert handed == ([True] if fused else [])
+
+
 def test_gradcheck_attention_both_paths_float64():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -379,3 +406,58 @@ def test_feedforward_activations_follow_their_formulas_and_differ():
     assert torch.allclose(swiglu(x), expected, atol=1e-5)
     with pytest.raises(ValueError, match="activation"):
         FeedForward(8, 16, activation="tanh")
+
+
+# ----------------------------------------------------------------------------- key padding mask
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_key_padding_mask_combines_with_mask_and_causal_by_and(is_causal, fused):
+    B, H, Tq, Tk = 2, 3, 4, 6
+    q, k, v, _, _ = make_case(Tq=Tq, Tk=Tk, mask=None, is_causal=False, B=B, H=H)
+    keep = torch.tensor([[True] * Tk, [False, True, True, True, False, False]])  # (B, Tk)
+    m = torch.rand(Tq, Tk, generator=torch.Generator().manual_seed(4)) > 0.3  # (Tq, Tk)
+    allowed = m & keep[:, None, None, :]  # what the oracle is told, written out
+    if is_causal:
+        allowed = allowed & causal_allowed(Tq, Tk)
+    expected = naive_attention(q, k, v, allowed).float()
+    got = scaled_dot_product_attention(q, k, v, mask=m, key_padding_mask=keep, is_causal=is_causal, fused=fused)
+    assert torch.allclose(got, expected, atol=FP32_TOL), (got - expected).abs().max()
+
+
+def test_mha_key_padding_mask_equals_torch_and_counts_cached_keys():
+    B, T, E, H = 3, 6, 8, 2
+    ours = randomize_(MultiHeadAttention(E, H)).eval()
+    ref = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    copy_into_torch_mha(ours, ref)
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(5))
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 4:] = False
+    keep[2, :2] = False
+    expected, _ = ref(x, x, x, key_padding_mask=~keep)  # PyTorch: True = padding, the opposite polarity
+    assert torch.allclose(ours(x, key_padding_mask=keep), expected, atol=FP32_TOL)
+    assert torch.allclose(ours(x, x, x, key_padding_mask=keep, need_weights=True)[0], expected, atol=FP32_TOL)
+    # With a cache the padding mask covers every key attended: the cached ones and the new ones.
+    full = ours(x, key_padding_mask=keep, is_causal=True)
+    cache = KVCache(T)
+    first = ours(x[:, :4], key_padding_mask=keep[:, :4], is_causal=True, cache=cache)
+    rest = ours(x[:, 4:], key_padding_mask=keep, is_causal=True, cache=cache)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=FP32_TOL)
+
+
+def test_key_padding_mask_errors_name_it_with_both_shapes():
+    mha = MultiHeadAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(5, 2\), expected \(B, Tk\) = \(2, 5\)"):
+        mha(x, key_padding_mask=torch.ones(5, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        mha(x, key_padding_mask=torch.ones(2, 5))
+    cache = KVCache(8)
+    mha(x[:, :3], cache=cache)
+    with pytest.raises(ValueError, match=r"key_padding_mask.*\(2, 5\)"):  # 3 cached + 2 new keys
+        mha(x[:, 3:], key_padding_mask=torch.ones(2, 2, dtype=torch.bool), cache=cache)
+    assert cache.length == 3  # the refused call left the cache untouched
+    q = torch.randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"key_padding_mask.*\(2, 3\)"):
+        scaled_dot_product_attention(q, q, q, key_padding_mask=torch.ones(2, 1, 1, 3, dtype=torch.bool))

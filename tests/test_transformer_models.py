@@ -319,6 +319,41 @@ def test_save_load_round_trip(tmp_path, kind):
             EncoderTransformer.load(path)
 
 
+def test_load_returns_eval_mode_and_keeps_extra_training_state(tmp_path):
+    model = tiny_lm(dropout=0.3).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _, loss = model(ids((2, 6)), targets=ids((2, 6), seed=1))
+    loss.backward()
+    opt.step()
+    extra = {"optimizer": opt.state_dict(), "step": 7, "args": {"lr": 1e-3, "out": "runs/x"}}
+    path = tmp_path / "ckpt.pt"
+    model.save(path, extra=extra)
+    loaded = Transformer.load(path)
+    assert loaded.training is False  # eval mode: dropout off, so it reproduces the saved model at once
+    x = ids((2, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    loaded, got = Transformer.load(path, return_extra=True)
+    assert got["step"] == 7 and got["args"] == extra["args"]
+    resumed = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    resumed.load_state_dict(got["optimizer"])  # the optimizer state comes back usable
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    model.save(path)
+    assert Transformer.load(path, return_extra=True)[1] is None
+
+
+def test_load_refuses_other_formats_with_a_clear_error(tmp_path):
+    model = tiny_lm()
+    old = tmp_path / "old_example.pt"  # what the examples wrote before they saved through the core
+    torch.save({"model": model.state_dict(), "optimizer": {}, "step": 3}, old)
+    with pytest.raises(ValueError, match=r"old_example\.pt.*another format.*'model', 'optimizer', 'step'"):
+        Transformer.load(old)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    with pytest.raises(ValueError, match="bare state dict.*load_state_dict"):
+        Transformer.load(bare)
+
+
 def test_num_parameters_counts_tied_weights_once():
     tied = Transformer(100, 16, 2, 1, 32, 8, tie_weights=True)
     untied = Transformer(100, 16, 2, 1, 32, 8, tie_weights=False)

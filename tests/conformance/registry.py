@@ -98,7 +98,8 @@ class Entry:
     need_weights: bool = True                   # accepts need_weights=True and returns (output, weights)
     weights_sum_to_one: bool = True             # each row of the returned weights is a distribution
     max_seq_len: Optional[int] = None           # the longest query the module accepts, if it declares one
-    zero_grad: Sequence[str] = ()               # parameters whose gradient is exactly zero by the math (documented)
+    zero_grad: Sequence[str] = ()               # parameters (or slices, "in_proj.bias[8:16]") whose gradient is
+                                                # exactly zero by the math (documented)
     unused: Dict[str, str] = dataclasses.field(default_factory=dict)  # parameter -> why it gets no gradient in this call
     arg_names: Dict[str, str] = dataclasses.field(default_factory=dict)  # error-message names, e.g. {"query": "x"}
     lengths: tuple = (5, 6)                     # (Tq, Tk) the checks use; Tq is used for self-attention
