@@ -3,7 +3,7 @@
 The landmarks average whole segments (future tokens included), so there is no causal form, and a (T, T) mask
 has nothing to apply to (both refused, documented on the page); padding goes through key_padding_mask. The
 weights returned by need_weights are the Nystrom approximation F A^+ B, whose rows sum to 1 only as far as the
-Newton-Schulz pseudo-inverse is exact (weights_sum_to_one=False). There is no dropout (as in the paper's code).
+Newton-Schulz pseudo-inverse is exact (weights_sum_to_one=False). There is no dropout argument (dropping entries of F, A or B would not drop entries of F A^+ B).
 There is no fused kernel: the fused and explicit paths share the computation.
 """
 from mechanisms.nystromformer import NystromAttention
