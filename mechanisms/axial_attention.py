@@ -125,7 +125,9 @@ class AxialAttention(nn.Module):
 
         # eq. (2): every column is one sequence of H pixels; the row pass already mixed each row into it.
         cols = y.transpose(1, 2).reshape(batch * width, height, channels)  # (B*W, H, C)
-        col_pad = None if key_padding_mask is None else key_padding_mask.transpose(1, 2).reshape(batch * width, height)
+        col_pad = None
+        if key_padding_mask is not None:
+            col_pad = key_padding_mask.transpose(1, 2).reshape(batch * width, height)  # (B*W, H)
         z, col_weights = self.col_attn(cols, col_pad, is_causal, need_weights)  # (B*W, H, C)
         out = z.view(batch, width, height, channels).transpose(1, 2)  # (B, H, W, C)
         if not need_weights:

@@ -9,8 +9,6 @@ are passed through unchanged, so the errors the suite sees are the module's own.
 adapter returns the ROW pass's weights laid out over the T raster positions, (B, heads, T, T), zero
 outside each pixel's own row (the column pass's weights are checked in tests/test_axial_attention.py).
 """
-import torch
-
 from mechanisms.axial_attention import AxialAttention
 from tests.conformance.registry import Entry, bias_row
 

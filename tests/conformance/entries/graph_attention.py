@@ -1,4 +1,4 @@
-"""Conformance entries for mechanisms/graph_attention.py (GAT and GATv2).
+"""Conformance entries for mechanisms/graph_attention.py: GraphAttention as GAT and as GATv2.
 
 GraphAttention takes node features x (B, N, d_model) and an adjacency (N, N) or (B, N, N), not the
 standard (query, key, value, mask) call. The adapter treats the sequence as the nodes of one graph per
@@ -36,12 +36,16 @@ def _bias_or_zero(module, d_out, dtype, device):
     return module.bias.detach().to(dtype)
 
 
-ENTRIES = [
-    Entry(name="graph_attention.GraphAttention",
-          build=lambda **kw: GraphAttention(d_model=8, num_heads=2, add_self_loops=False, **kw),
-          d_model=8, num_heads=2, call=graph_call, self_only=True, empty_row=_bias_or_zero,
-          arg_names={"query": "x", "mask": "adjacency"},
-          exempt={"fused_explicit": "one path only: the GAT score LeakyReLU(a . [Wx_i || Wx_j]) is not a dot "
-                                    "product, so PyTorch's fused kernel does not apply"}),
-]
+def _entry(version):
+    return Entry(name=f"graph_attention.GraphAttention[{version}]",
+                 build=lambda **kw: GraphAttention(d_model=8, num_heads=2, version=version, add_self_loops=False,
+                                                   **kw),
+                 d_model=8, num_heads=2, call=graph_call, self_only=True, empty_row=_bias_or_zero,
+                 arg_names={"query": "x", "mask": "adjacency"},
+                 exempt={"fused_explicit": "one path only: the graph-attention score (a small network on the "
+                                           "pair of nodes) is not a dot product, so PyTorch's fused kernel does "
+                                           "not apply"})
+
+
+ENTRIES = [_entry("gat"), _entry("gatv2")]
 NOT_ENTRIES = {}
