@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training speed of the core model at nanoGPT's CPU configuration, and time to a target loss.
 
-    python examples/benchmark_training.py                              # everything (several minutes)
-    python examples/benchmark_training.py --parts throughput           # tokens/s and MFU only (~1 min)
+    python examples/benchmark_training.py                              # everything
+    python examples/benchmark_training.py --parts throughput           # tokens/s and MFU only
     python examples/benchmark_training.py --parts time-to-target       # default vs nanogpt-cpu to val 1.45
 
 Part ``throughput``: the nanogpt-cpu model (4 layers, 4 heads, 128 dims, context 64, batch 12) trained
@@ -26,14 +26,15 @@ Part ``time-to-target``: ``train_char_lm.py`` with ``--preset default`` and with
 (each as a fresh run, seed 1337), evaluated every ``--eval-every`` steps; the figure is the training time
 (optimizer steps only, evaluations excluded) until the validation loss first reaches ``--target``.
 
-Results are printed as a table and written to ``--out`` (default ``runs/benchmark_training.json``).
+Results are printed as a table and written to ``results.json`` in the ``--out`` folder (default
+``runs/benchmark_training``), with the machine, the thread count and the load average they ran under.
+The command line, ``--out`` included, is checked before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -42,11 +43,53 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli  # noqa: E402  (standard library only: the command line is checked before torch loads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", choices=["throughput", "time-to-target"],
+                   default=["throughput", "time-to-target"], help="which measurements to run")
+    p.add_argument("--skip-time-to-target", action="store_true", help="same as --parts throughput")
+    p.add_argument("--steps", type=cli.int_range(1, 100_000), default=20, help="training steps per timed round")
+    p.add_argument("--rounds", type=cli.int_range(1, 1000), default=6, help="alternating fused/explicit rounds")
+    p.add_argument("--warmup", type=cli.int_range(0, 100_000), default=5, help="untimed steps per path first")
+    p.add_argument("--peak-sizes", type=cli.int_range(16, 32768), nargs="+", default=[1024, 2048, 3072],
+                   help="square matmul sizes tried for the fp32 peak")
+    p.add_argument("--target", type=cli.float_range(0, low_open=True), default=1.45,
+                   help="validation loss to reach")
+    p.add_argument("--eval-every", type=cli.int_range(1, 100_000), default=50,
+                   help="evaluation interval (steps) for time-to-target")
+    p.add_argument("--seed", type=cli.int_range(0, 2 ** 32 - 1), default=1337, help="seed of the time-to-target runs")
+    p.add_argument("--threads", type=cli.int_range(1, 1024), default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmark_training"),
+                   help="folder for results.json (created if missing)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line with the standard library only, before anything is timed."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.check_output_folder(p, args.out)
+    if args.out.suffix == ".json":
+        p.error(f"--out {args.out}: --out is a folder (results.json is written in it), not a .json file name")
+    n = max(args.peak_sizes)
+    cli.check_memory(p, 3 * n * n * 4, f"the matmul peak at --peak-sizes {n}")
+    if args.skip_time_to_target:
+        args.parts = [x for x in args.parts if x != "time-to-target"]
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
 
 import transformer_implementation as core  # noqa: E402
 import train_char_lm as lm  # noqa: E402
@@ -170,31 +213,14 @@ def time_to_target(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=["throughput", "time-to-target"],
-                   default=["throughput", "time-to-target"])
-    p.add_argument("--skip-time-to-target", action="store_true", help="same as --parts throughput")
-    p.add_argument("--steps", type=int, default=20, help="training steps per timed round")
-    p.add_argument("--rounds", type=int, default=6, help="alternating fused/explicit rounds")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per path first")
-    p.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 3072],
-                   help="square matmul sizes tried for the fp32 peak")
-    p.add_argument("--target", type=float, default=1.45, help="validation loss to reach")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluation interval (steps) for time-to-target")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=Path("runs/benchmark_training.json"))
-    args = p.parse_args(argv)
-    if args.skip_time_to_target:
-        args.parts = [x for x in args.parts if x != "time-to-target"]
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     results = {"machine": {"cpu": lm.cpu_name(), "logical_cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                            "python": platform.python_version(),
-                           "load_average_1_5_15": list(os.getloadavg())},
+                           "load_average_1_5_15": cli.load_average()},
                "command": "python examples/benchmark_training.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch threads, "
           f"torch {torch.__version__}")
@@ -220,10 +246,15 @@ def main(argv=None) -> dict:
             print(f"{preset:<14}{str(r['reached']):>8}{str(r['step']):>7}{ts:>14}{r['tokens_per_s']:>11,.0f}")
         if tt["ratio_default_over_nanogpt"] is not None:
             print(f"default needs {tt['ratio_default_over_nanogpt'] * 100:.0f}% of nanogpt-cpu's training time")
-    lm.save_json(args.out, results)
-    print(f"wrote {args.out}")
+    results["machine"]["load_average_1_5_15_at_end"] = cli.load_average()
+    lm.save_json(args.out / "results.json", results)
+    print(f"wrote {args.out / 'results.json'}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -106,9 +106,9 @@ def char_lm_record(checkpoint: Path, prompts=CHAR_LM_PROMPTS, command: str = "")
 def translate_dates_record(checkpoint: Path, sources=DATE_SOURCES, command: str = "") -> dict:
     """Encoder self-attention, decoder self-attention and cross-attention of the date translator."""
     import translate_dates as td
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = td.build_model("transformer")
-    model.load_state_dict(payload["model"] if "model" in payload else payload["state_dict"])
+    # translate_dates saves its Transformer through the core's EncoderDecoderTransformer.save format.
+    model.model = td.ti.EncoderDecoderTransformer.load(checkpoint)  # eval mode
     model.eval()
     examples = []
     for source in sources:

@@ -26,10 +26,17 @@ Rules that make every source string unambiguous (the model could not learn a gue
   four digits, which makes it a year (``2021.03.14``, year-month-day);
 * weekday names are always the true weekday of the date.
 
-Outputs (under ``--out``, default ``runs/translate_dates``): ``results.json``, ``checkpoints/<model>.pt``
-(written atomically every ``--checkpoint-every`` steps; a rerun resumes from it),
-``translate_dates_curves.png`` and ``translate_dates_alignment_<model>.png``. ``--publish`` also
-copies the results and figures into ``docs/examples/``. The page is docs/examples/translate_dates.md.
+Outputs (under ``--out``, default ``runs/translate_dates``): ``results.json`` (with the machine and the
+load average it ran under), ``checkpoints/<model>.pt`` (written atomically every ``--checkpoint-every``
+steps; a rerun resumes from it), ``translate_dates_curves.png`` and
+``translate_dates_alignment_<model>.png``. ``--publish`` also copies the results and figures into
+``docs/examples/``. The page is docs/examples/translate_dates.md.
+
+Checkpoints: ``transformer.pt`` is the core's format, written by ``EncoderDecoderTransformer.save`` with
+this script's training state (optimizer, step, curve, settings) as its ``extra``, so
+``EncoderDecoderTransformer.load("runs/translate_dates/checkpoints/transformer.pt")`` opens it. The two
+recurrent models are not core models; their checkpoints keep this script's own layout, a dict with
+``model`` (the state dict), ``optimizer``, ``step``, ``curve``, ``train_seconds`` and ``config``.
 
 Run ``python examples/translate_dates.py --help`` for the options.
 """
@@ -50,18 +57,15 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so the imports below work from any directory
+sys.path.insert(0, str(REPO_ROOT / "examples"))  # examples/cli.py, examples/plotting.py
 
-import transformer_implementation as ti  # noqa: E402
-from mechanisms.additive_attention import AdditiveAttention  # noqa: E402
-from mechanisms.multiplicative_attention import LuongAttention  # noqa: E402
+import cli  # noqa: E402  (standard library only: the command line is checked before torch loads)
 
 MODELS = ("bahdanau", "luong", "transformer")
+DEFAULT_LR = {"bahdanau": 3e-3, "luong": 3e-3, "transformer": 2e-3}
+TRANSFORMER_CHECKPOINT = "translate-dates-transformer-v1"  # the "format" inside a transformer.pt's extra
 
 # ----------------------------------------------------------------------------------------------
 # The data: one calendar date, many ways to write it
@@ -281,6 +285,96 @@ def encode_batch(pairs: Sequence[tuple], device) -> dict:
     tgt_out = torch.tensor([t + [TGT_VOCAB.eos_id] for t in tgt], dtype=torch.long)  # (B, T)
     return dict(src=src_ids.to(device), src_len=src_len.to(device), tgt_in=tgt_in.to(device),
                 tgt_out=tgt_out.to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, checked before torch is imported
+# ----------------------------------------------------------------------------------------------
+
+def estimate_batch_bytes(batch_size: int) -> int:
+    """A generous estimate of a training step's memory for the largest model (the transformer) at the
+    longest source (MAX_SOURCE_LEN = 60 characters), per example: 2 encoder and 2 decoder layers, each
+    keeping about 16 (S, 64) float32 activations and its 4 heads' (S, S) attention weights with their
+    gradients for the backward pass. About 1.4 MB per example; the weights are negligible."""
+    S, E, H, layers = MAX_SOURCE_LEN, 64, 4, 4
+    return batch_size * layers * 4 * (16 * S * E + 2 * H * S * S)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS + ("all",), default="all", help="which model(s) to train")
+    p.add_argument("--steps", type=cli.int_range(1, 10_000_000), default=1000,
+                   help="training steps per model (the shared budget)")
+    p.add_argument("--batch-size", type=cli.int_range(1, 1_048_576), default=128,
+                   help="dates per training step; refused when its estimated memory exceeds half the RAM")
+    p.add_argument("--lr", type=cli.float_range(0, 10, low_open=True), default=None,
+                   help="peak Adam learning rate (default: 3e-3 for the GRUs, 2e-3 for the transformer)")
+    p.add_argument("--warmup", type=cli.int_range(0, 10_000_000), default=100,
+                   help="linear warm-up steps before the cosine decay")
+    p.add_argument("--seed", type=cli.int_range(0, 2 ** 32 - 1), default=0,
+                   help="seed for initialisation and the training stream")
+    p.add_argument("--device", type=cli.device_name, default="auto",
+                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=cli.int_range(0, 1024), default=1,
+                   help="CPU threads for torch; these models are too small to gain much from more, and on a "
+                        "busy machine extra threads mostly wait for each other (0 = torch's default)")
+    p.add_argument("--test-size", type=cli.int_range(1, 1_000_000), default=TEST_SIZE,
+                   help="held-out dates to score on (at most the number of held-out dates or pairs)")
+    p.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="your own pairs instead of generated ones: one 'source<TAB>YYYY-MM-DD' per line")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "translate_dates",
+                   help="output folder (created if missing)")
+    p.add_argument("--log-every", type=cli.int_range(1, 10_000_000), default=50,
+                   help="steps between progress lines / curve points")
+    p.add_argument("--checkpoint-every", type=cli.int_range(1, 10_000_000), default=500,
+                   help="steps between checkpoints")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and train from scratch")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--publish", action="store_true",
+                   help="also copy results.json and the figures into docs/examples/ (for the docs page)")
+    p.add_argument("--translate", action="append", default=[], metavar="TEXT",
+                   help=f"after training, translate TEXT (1 to {MAX_SOURCE_LEN} characters) with each model "
+                        "(may be repeated)")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the whole command line, --data's contents included, with the standard library only:
+    every mistake ends here with one line and exit status 2, before any folder is created.
+    ``args.pairs`` holds (train pairs, test triples) read from --data, or None."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.check_output_folder(p, args.out)
+    cli.check_memory(p, estimate_batch_bytes(args.batch_size), f"a training step with --batch-size {args.batch_size}")
+    for text in args.translate:
+        if not 1 <= len(text) <= MAX_SOURCE_LEN:
+            p.error(f"--translate {text!r}: must have 1 to {MAX_SOURCE_LEN} characters, got {len(text)}")
+    args.pairs = None
+    if args.data is not None:
+        cli.check_input_file(p, args.data, "--data")
+        try:
+            args.pairs = load_pairs(args.data)
+        except UnicodeDecodeError as exc:
+            p.error(f"--data {args.data}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+        except (ValueError, OSError) as exc:
+            p.error(f"--data {exc}")
+    else:
+        held_out = len(split_dates()[1])
+        if args.test_size > held_out:
+            p.error(f"--test-size {args.test_size}: there are only {held_out} held-out dates")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import transformer_implementation as ti  # noqa: E402
+from mechanisms.additive_attention import AdditiveAttention  # noqa: E402
+from mechanisms.multiplicative_attention import LuongAttention  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +601,6 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-DEFAULT_LR = {"bahdanau": 3e-3, "luong": 3e-3, "transformer": 2e-3}
-
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
@@ -561,6 +653,28 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path, model: nn.Module, device) -> tuple:
+    """(training state, weights, None) from a checkpoint of ``model``'s kind, or (None, None, why not).
+
+    The transformer's checkpoint is the core's ``EncoderDecoderTransformer.save`` format with the training
+    state in ``extra``; a recurrent model's is a dict of this script's own (see the module docstring)."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a torn or foreign file
+        return None, None, f"it cannot be read ({type(exc).__name__})"
+    if not isinstance(payload, dict):
+        return None, None, "it is not a checkpoint of this script"
+    if isinstance(model, TransformerTranslator):
+        extra = payload.get("extra")
+        if payload.get("class") != "EncoderDecoderTransformer" or not isinstance(extra, dict) \
+                or extra.get("format") != TRANSFORMER_CHECKPOINT:
+            return None, None, "it is not in the core's format (an older version of this script wrote it?)"
+        return extra, payload["state_dict"], None
+    if "model" not in payload or "config" not in payload:
+        return None, None, "it is not a checkpoint of this script"
+    return payload, payload["model"], None
+
+
 def _fmt_seconds(s: float) -> str:
     s = max(0, int(round(s)))
     return f"{s // 60}m{s % 60:02d}s"
@@ -579,9 +693,11 @@ def train_model(name: str, args, device, draw: Callable, log=print) -> dict:
     step, curve, train_seconds = 0, [], 0.0
 
     if ckpt_path.exists() and not args.restart:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["config"] == config and ckpt["step"] <= args.steps:
-            model.load_state_dict(ckpt["model"])
+        ckpt, weights, why = read_checkpoint(ckpt_path, model, device)
+        if ckpt is None:
+            log(f"[{name}] ignoring {ckpt_path}: {why}")
+        elif ckpt["config"] == config and ckpt["step"] <= args.steps:
+            (model.model if isinstance(model, TransformerTranslator) else model).load_state_dict(weights)
             optimizer.load_state_dict(ckpt["optimizer"])
             step, curve, train_seconds = ckpt["step"], ckpt["curve"], ckpt["train_seconds"]
             log(f"[{name}] resuming from {ckpt_path} at step {step}")
@@ -589,8 +705,13 @@ def train_model(name: str, args, device, draw: Callable, log=print) -> dict:
             log(f"[{name}] ignoring {ckpt_path}: it was written with other settings or more steps")
 
     def checkpoint():
-        atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, curve=curve,
-                         train_seconds=train_seconds + (time.perf_counter() - t0), config=config), ckpt_path)
+        state = dict(optimizer=optimizer.state_dict(), step=step, curve=curve,
+                     train_seconds=train_seconds + (time.perf_counter() - t0), config=config)
+        if isinstance(model, TransformerTranslator):  # the core's format; Transformer.save writes atomically
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            model.model.save(ckpt_path, extra=dict(format=TRANSFORMER_CHECKPOINT, **state))
+        else:  # the recurrent models are not core models: this script's own layout
+            atomic_save(dict(model=model.state_dict(), **state), ckpt_path)
 
     model.train()
     window, t0, start_step = [], time.perf_counter(), step
@@ -695,6 +816,17 @@ def plot_curves(curves: dict, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
+    """The device named by --device (already checked to be auto, cpu, cuda, cuda:N or mps); one-line
+    error when it is not there."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            sys.exit(f"error: --device {name}: CUDA is not available here ({build})")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            sys.exit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        sys.exit("error: --device mps: MPS is not available here")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -715,59 +847,26 @@ def machine_info(device) -> dict:
     except OSError:
         pass
     info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(), device=str(device))
+                torch=torch.__version__, python=platform.python_version(), device=str(device),
+                load_average_1_5_15_at_start=cli.load_average())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS + ("all",), default="all", help="which model(s) to train")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per model (the shared budget)")
-    p.add_argument("--batch-size", type=int, default=128, help="dates per training step")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak Adam learning rate (default: 3e-3 for the GRUs, 2e-3 for the transformer)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and the training stream")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps, ...")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch; these models are too small to gain much from more, and on a "
-                        "busy machine extra threads mostly wait for each other (0 = torch's default)")
-    p.add_argument("--test-size", type=int, default=TEST_SIZE, help="held-out dates to score on")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="your own pairs instead of generated ones: one 'source<TAB>YYYY-MM-DD' per line")
-    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "translate_dates"), help="output folder")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines / curve points")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and train from scratch")
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    p.add_argument("--publish", action="store_true",
-                   help="also copy results.json and the figures into docs/examples/ (for the docs page)")
-    p.add_argument("--translate", action="append", default=[], metavar="TEXT",
-                   help="after training, translate TEXT with each model (may be repeated)")
-    args = p.parse_args(argv)
-    if args.threads < 0:
-        p.error(f"--threads must be >= 0, got {args.threads}")
-    for name in ("steps", "batch_size", "log_every", "checkpoint_every", "test_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> dict:
+    """Run the command line ``argv`` (default: sys.argv), or ``args`` already parsed by ``parse_args``."""
+    args = args if args is not None else parse_args(argv)
     t_start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: every check that can fail has passed
     names = MODELS if args.model == "all" else (args.model,)
 
     if args.data:
-        train_pairs, test_set = load_pairs(args.data)
+        train_pairs, test_set = args.pairs
         test_set = test_set[:args.test_size]
         print(f"{args.data}: {len(train_pairs)} pairs for training, testing on {len(test_set)} pairs with "
               f"held-out dates; device {device}")
@@ -785,7 +884,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sources, targets = [s for s, _, _ in test_set], [t for _, t, _ in test_set]
 
     command = "python examples/translate_dates.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = dict(command=command.strip(), data=args.data or "generated", machine=machine_info(device),
+    results = dict(command=command.strip(), data=str(args.data) if args.data else "generated",
+                   machine=machine_info(device),
                    steps=args.steps, batch_size=args.batch_size,
                    seed=args.seed, test_size=len(test_set), formats=sorted(FORMATS), models={})
     curves, alignment_paths = {}, []
@@ -824,6 +924,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not args.no_figures:
         figure_paths.append(plot_curves(curves, out / "translate_dates_curves.png"))
     results["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    results["machine"]["load_average_1_5_15_at_end"] = cli.load_average()
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out / "results.json")
@@ -841,4 +942,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(args=ARGS)
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint (every --checkpoint-every steps) is kept
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -60,19 +60,21 @@ def attention_rollout(weights, add_residual: bool = True) -> torch.Tensor:
 
 
 def load_checkpoint(path: Path):
-    """Model and vocabulary from a ``train_char_lm.py`` checkpoint (one-line errors otherwise)."""
+    """Model and vocabulary from a ``train_char_lm.py`` checkpoint, opened with the core's ``Transformer.load``
+    (the vocabulary is the checkpoint's ``extra["vocab"]``). Anything else, a checkpoint an older
+    train_char_lm.py wrote included, ends the program with a one-line error saying what the file holds."""
     if not path.is_file():
         sys.exit(f"error: --checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model, extra = Transformer.load(path, map_location="cpu", return_extra=True)  # in eval mode
+    except ValueError as exc:  # another layout: the core's message says which and what to do
+        sys.exit(f"error: --checkpoint {path}: {exc}")
     except Exception as exc:  # a torn or foreign file: say so in one line
         sys.exit(f"error: --checkpoint {path}: cannot be read as a checkpoint ({type(exc).__name__})")
-    if not isinstance(ckpt, dict) or "vocab" not in ckpt or "model_config" not in ckpt:
-        sys.exit(f"error: --checkpoint {path}: not a checkpoint written by examples/train_char_lm.py")
-    model = Transformer(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt["vocab"]
+    if not isinstance(extra, dict) or "vocab" not in extra:
+        sys.exit(f"error: --checkpoint {path}: a Transformer checkpoint without a vocabulary (extra['vocab']); "
+                 "not one written by examples/train_char_lm.py")
+    return model, extra["vocab"]
 
 
 def _gpt2_inputs(folder: Path, prompt: str):
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
                         help="instead, a GPT-2 folder in the Hugging Face layout (config.json, model.safetensors or "
                              "pytorch_model.bin, vocab.json, merges.txt), read from disk with Transformer.from_gpt2")
     p.add_argument("--prompt", default="def __init__(self):\n        self.", help="the text whose attention is shown")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--out", type=Path, default=None, help="output folder; by default the checkpoint's folder (or the --gpt2-dir folder)")
     p.add_argument("--prefix", default="attention", help="file name prefix of the outputs")
     p.add_argument("--export-json", type=Path, default=None, metavar="FILE",
                    help="also write every layer's and head's attention and the rollout for the docs' attention "

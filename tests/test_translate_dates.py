@@ -307,6 +307,9 @@ def test_few_step_run_of_every_model_then_resume(tmp_path, capsys):
         assert r["train_seconds"] > 0 and [s for s, _ in r["curve"]] == [1, 2, 3]
         assert set(r["exact_match_by_format"]) == set(td.FORMATS)
         ckpt = torch.load(tmp_path / "checkpoints" / f"{name}.pt", weights_only=True)
+        if name == "transformer":  # the core's format, the training state in "extra"
+            assert ckpt["class"] == "EncoderDecoderTransformer"
+            ckpt = ckpt["extra"]
         assert ckpt["step"] == 3
         assert (tmp_path / f"translate_dates_alignment_{name}.png").stat().st_size > 1000
     assert (tmp_path / "translate_dates_curves.png").stat().st_size > 1000
@@ -320,6 +323,24 @@ def test_few_step_run_of_every_model_then_resume(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [s for s, _ in on_disk["models"]["luong"]["curve"]] == [1, 2, 3, 4, 5]
     assert torch.load(tmp_path / "checkpoints" / "luong.pt", weights_only=True)["step"] == 5
+
+
+def test_the_transformers_checkpoint_opens_with_the_cores_load_and_resumes(tmp_path, capsys):
+    common = ["--model", "transformer", "--batch-size", "4", "--test-size", "5", "--log-every", "1",
+              "--checkpoint-every", "2", "--warmup", "1", "--no-figures", "--out", str(tmp_path), "--device", "cpu"]
+    td.main(["--steps", "2"] + common)
+    path = tmp_path / "checkpoints" / "transformer.pt"
+    model, extra = td.ti.EncoderDecoderTransformer.load(path, return_extra=True)
+    assert not model.training and extra["step"] == 2 and extra["format"] == td.TRANSFORMER_CHECKPOINT
+    trained = td.build_model("transformer")
+    trained.model.load_state_dict(model.state_dict())  # the same architecture as the script's
+    td.main(["--steps", "3"] + common)
+    assert "[transformer] resuming from" in capsys.readouterr().out
+    assert td.ti.EncoderDecoderTransformer.load(path, return_extra=True)[1]["step"] == 3
+    # A checkpoint in the old layout (a plain dict) is ignored with a message, not a traceback.
+    torch.save({"model": trained.state_dict(), "step": 1, "config": {}}, path)
+    td.main(["--steps", "3"] + common)
+    assert "not in the core's format" in capsys.readouterr().out
 
 
 def test_help_runs_from_another_directory(tmp_path):

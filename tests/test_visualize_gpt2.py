@@ -43,7 +43,8 @@ def test_gpt2_attention_is_exported_over_bpe_tokens(gpt2_dir, tmp_path):
     assert view["queries"] == tokens and len(tokens) < len(prompt)  # BPE tokens, not characters
     assert len(view["layers"]) == 2 and len(view["layers"][0]) == 2  # layers x heads
     weights = torch.tensor(view["layers"][1][0])
-    assert torch.allclose(weights.sum(-1), torch.ones(len(tokens)), atol=5e-3)  # rows of a softmax
+    # rows of a softmax, each entry rounded to 3 decimals: a row sum is off by at most T * 0.0005
+    assert torch.allclose(weights.sum(-1), torch.ones(len(tokens)), atol=len(tokens) * 5e-4)
     assert weights.triu(1).abs().max() == 0  # causal
     assert (tmp_path / "gpt2.js").read_text().startswith("window.attentionExplorerData")
     assert "".join(tokens) == result["prompt"] == prompt
