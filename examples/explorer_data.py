@@ -2,7 +2,8 @@
 """Export attention weights for the docs' attention explorer (docs/explorer.md).
 
     python examples/explorer_data.py --char-lm runs/char_lm/ckpt.pt \\
-        --translate-dates runs/translate_dates/checkpoints/transformer.pt --out docs/_static/explorer/data
+        --translate-dates runs/translate_dates/checkpoints/transformer.pt \\
+        --vit runs/vision_transformer/checkpoints/vit.pt --js-only
 
 For each model it runs a few fixed inputs with attention returned, and writes ``<name>.json`` plus
 ``<name>.js``: the same object wrapped in ``attentionExplorerData.push(...)``, because a page opened from
@@ -133,19 +134,47 @@ def translate_dates_record(checkpoint: Path, sources=DATE_SOURCES, command: str 
     return {"model": "date translator (EncoderDecoderTransformer)", "command": command, "examples": examples}
 
 
+def vit_record(checkpoint: Path, count: int = 4, command: str = "") -> dict:
+    """The ViT of vision_transformer.py on fixed test images: every layer's and head's attention over the
+    class token and the patches, and rollout. A patch token reads "#r,c" when it holds a pixel of the shape
+    and ".r,c" when it does not, so the explorer shows at a glance whether the class token looks at the object."""
+    import vision_transformer as vt
+    model, _ = vt.load_checkpoint(checkpoint)
+    if not isinstance(model, vt.VisionTransformer):
+        raise SystemExit(f"error: --vit {checkpoint}: holds a {type(model).__name__}, expected the ViT (vit.pt)")
+    size, patch = model.config["image_size"], model.config["patch_size"]
+    images, labels, masks = vt.make_test_set(count, size)
+    on_object = vt.patch_object_mask(masks, patch)  # (n, N) bool
+    grid = size // patch
+    with torch.no_grad():
+        _, weights = vt.forward_with_attention(model, images)  # L x (n, H, N + 1, N + 1)
+    from visualize_attention import attention_rollout
+    examples = []
+    for i in range(count):
+        tokens = ["[CLS]"] + [f"{'#' if on_object[i, p] else '.'}{p // grid},{p % grid}" for p in range(grid * grid)]
+        layers = [w[i] for w in weights]  # L x (H, N + 1, N + 1)
+        examples.append({"title": f"test image {i}: {vt.SHAPES[int(labels[i])]}",
+                         "attention": [attention_view("self-attention (class token + patches)", tokens, tokens,
+                                                      layers, attention_rollout(layers)[-1])]})
+    return {"model": f"ViT ({len(weights)} layers x {weights[0].shape[1]} heads, {grid}x{grid} patches)",
+            "command": command, "examples": examples}
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--char-lm", type=Path, metavar="CKPT", help="checkpoint written by train_char_lm.py")
     p.add_argument("--translate-dates", type=Path, metavar="CKPT",
                    help="transformer checkpoint written by translate_dates.py (<out>/checkpoints/transformer.pt)")
+    p.add_argument("--vit", type=Path, metavar="CKPT",
+                   help="ViT checkpoint written by vision_transformer.py (<out>/checkpoints/vit.pt)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <model>.json and <model>.js")
     p.add_argument("--js-only", action="store_true",
                    help="write only <model>.js, the form the docs page loads (the docs ship only these)")
     args = p.parse_args(argv)
-    if not args.char_lm and not args.translate_dates:
-        p.error("give --char-lm and/or --translate-dates")
-    for flag, path in (("--char-lm", args.char_lm), ("--translate-dates", args.translate_dates)):
+    if not args.char_lm and not args.translate_dates and not args.vit:
+        p.error("give at least one of --char-lm, --translate-dates, --vit")
+    for flag, path in (("--char-lm", args.char_lm), ("--translate-dates", args.translate_dates), ("--vit", args.vit)):
         if path is not None and not path.is_file():
             p.error(f"{flag} {path}: no such file")
     command = "python examples/explorer_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -160,6 +189,8 @@ def main(argv=None) -> list:
     if args.translate_dates:
         written += write_explorer_data(translate_dates_record(args.translate_dates, command=command),
                                        args.out / "translate_dates", formats)
+    if args.vit:
+        written += write_explorer_data(vit_record(args.vit, command=command), args.out / "vision_transformer", formats)
     for path in written:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return written

@@ -146,9 +146,10 @@ EXPLORER_SCRIPT = """
   result.active_after_hover = root.querySelectorAll('.ae-line.ae-active').length;
   result.info = root.querySelector('.ae-info').textContent;
   const model = root.querySelector('select[data-control=model]');
-  model.value = String(data.length - 1);
+  const translator = data.findIndex(m => m.model.startsWith('date translator'));
+  model.value = String(translator);
   model.dispatchEvent(new Event('change'));
-  const cross = data[data.length - 1].examples[0].attention[0];
+  const cross = data[translator].examples[0].attention[0];
   result.cross_shape = [cross.queries.length, cross.keys.length];
   result.cross_drawn = [root.querySelectorAll('.ae-token[data-side=query]').length,
                         root.querySelectorAll('.ae-token[data-side=key]').length];
@@ -163,7 +164,8 @@ EXPLORER_SCRIPT = """
 def test_attention_explorer_loads_its_data_and_responds(site, browser):
     browser.open((site / "explorer.html").as_uri())
     state = browser.evaluate(EXPLORER_SCRIPT)
-    assert len(state["models"]) >= 2, f"the explorer loaded {state['models']}; expected the char LM and the translator"
+    assert len(state["models"]) == 3, f"the explorer loaded {state['models']}; expected the char LM, the translator, the ViT"
+    assert state["cross_shape"][0] != state["cross_shape"][1], "the translator's cross-attention should be rectangular"
     assert state["tokens"] > 0, "no tokens drawn"
     assert state["top"] < state["intro"] + 600, f"the explorer is not near the top of its page: {state}"
     assert state["rerendered"] and state["shows_head0"], f"choosing head 0 did not show head 0: {state}"
