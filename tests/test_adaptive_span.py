@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.adaptive_span import AdaptiveSpanAttention, soft_span_mask
+from tests.oracles import output_of, random_inputs, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, H = 16, 4
@@ -19,20 +19,12 @@ D, H = 16, 4
 def _model(max_span=8, ramp=3, init_span=2.5, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = AdaptiveSpanAttention(d_model, num_heads, max_span, ramp=ramp, init_span=init_span, **kwargs).double()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for name, p in model.named_parameters():
-            if name != "span_fraction":
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    # non-zero biases, so that a dropped bias would be noticed; the span keeps its init_span
+    return randomize_(model, skip=("span_fraction",)).eval()
 
 
 def _inputs(b=2, tq=5, tk=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, t, D, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed)
 
 
 def _set_spans(model, spans):
@@ -43,17 +35,12 @@ def _set_spans(model, spans):
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_spans_covering_every_key_give_causal_torch_multihead_attention(need_weights):
     model = _model(max_span=8, init_span=6.0)  # z = 6 >= Tk - 1: every past key has mask 1
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
+    ref = torch_mha_like(model)
     q, k, v = _inputs()
     future = torch.tensor([[j > i + 2 for j in range(7)] for i in range(5)])  # bottom-right: Tk - Tq = 2
     expected, expected_w = ref(q, k, v, attn_mask=future, average_attn_weights=False)
     ours = model(q, k, v, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < FP64_TOL
 

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.adversarial_attention import AdversarialAttention
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, H, B, TQ, TK = 16, 2, 2, 4, 6
@@ -20,31 +20,12 @@ D, H, B, TQ, TK = 16, 2, 2, 4, 6
 def _model(dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
     kwargs = {"d_model": D, "num_heads": H, "epsilon": 0.5, **kwargs}
-    model = AdversarialAttention(**kwargs).to(dtype).eval()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(AdversarialAttention(**kwargs).to(dtype).eval(), biases_only=True)
 
 
 def _inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, t, D, generator=g, dtype=torch.float64) for t in (TQ, TK, TK))
-
-
-def _torch_mha(model):
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
-    return ref
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(B, (TQ, TK, TK), D, seed=seed)
 
 
 def _loss_fn(target):
@@ -62,10 +43,8 @@ def _score_grad(model, q, k, v, loss_fn, **kwargs):
 def test_without_perturbation_it_is_torch_multihead_attention(need_weights):
     model = _model()
     q, k, v = _inputs()
-    mask = torch.rand(B, H, TQ, TK, generator=torch.Generator().manual_seed(3)) > 0.4
-    mask[..., 0] = True
-    expected, expected_w = _torch_mha(model)(q, k, v, attn_mask=~mask.reshape(B * H, TQ, TK),
-                                             average_attn_weights=False)
+    mask = random_mask((B, H, TQ, TK), seed=3)
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)  # nn.MultiheadAttention, copied weights
     r = torch.randn(B, H, TQ, TK, dtype=torch.float64)
     with torch.no_grad():
         plain = model(q, k, v, mask=mask, need_weights=need_weights)
@@ -74,7 +53,7 @@ def test_without_perturbation_it_is_torch_multihead_attention(need_weights):
         adv = zero_eps(q, k, v, mask=mask, need_weights=need_weights,
                        score_perturbation=zero_eps.adversarial_perturbation(r))
     for result in (plain, ignored, adv):
-        assert (_out(result) - expected).abs().max() < FP64_TOL
+        assert (output_of(result) - expected).abs().max() < FP64_TOL
         if need_weights:
             assert (result[1] - expected_w).abs().max() < FP64_TOL
 
@@ -92,7 +71,7 @@ def test_perturbed_scores_follow_the_formula(need_weights):
         heads = weights @ split(v, model.v_proj)
         expected = model.out_proj(heads.transpose(1, 2).reshape(B, TQ, D))
         result = model(q, k, v, is_causal=True, need_weights=need_weights, score_perturbation=r)
-    assert (_out(result) - expected).abs().max() < FP64_TOL
+    assert (output_of(result) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (result[1] - weights).abs().max() < FP64_TOL
 
@@ -141,7 +120,7 @@ def test_distinct_from_multi_head_attention_in_training():
     _, g = _score_grad(model, q, k, v, _loss_fn(torch.randn(B, TQ, D, dtype=torch.float64)))
     with torch.no_grad():
         perturbed = model(q, k, v, score_perturbation=model.adversarial_perturbation(g))
-        assert (perturbed - _torch_mha(model)(q, k, v)[0]).abs().max() > 1e-3
+        assert (perturbed - torch_mha_like(model)(q, k, v)[0]).abs().max() > 1e-3
 
 
 def test_every_constructor_argument_changes_the_output():

@@ -10,9 +10,9 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.axial_attention import AxialAttention, attention_score_counts, score_count_table
+from tests.oracles import randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, HEADS, B, HT, WD = 8, 2, 2, 3, 4
@@ -21,26 +21,12 @@ PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "mechanisms" / "ax
 
 def _model(dtype=torch.float64, seed=0, d_model=D, num_heads=HEADS, **kwargs):
     torch.manual_seed(seed)
-    model = AxialAttention(d_model, num_heads, **kwargs).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)  # non-zero biases, so a dropped one shows
-    return model
+    # non-zero biases, so a dropped one shows
+    return randomize_(AxialAttention(d_model, num_heads, **kwargs).to(dtype).eval(), biases_only=True)
 
 
 def _image(seed=1, height=HT, width=WD, dtype=torch.float64):
     return torch.randn(B, height, width, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def _torch_mha(axis):
-    ref = nn.MultiheadAttention(D, HEADS, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([axis.q_proj.weight, axis.k_proj.weight, axis.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([axis.q_proj.bias, axis.k_proj.bias, axis.v_proj.bias]))
-        ref.out_proj.weight.copy_(axis.out_proj.weight)
-        ref.out_proj.bias.copy_(axis.out_proj.bias)
-    return ref
 
 
 def _line(ref, seq, real, is_causal):
@@ -53,7 +39,7 @@ def _line(ref, seq, real, is_causal):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_rows_then_columns_equal_torch_multihead_attention(is_causal):
     model = _model()
-    row_ref, col_ref = _torch_mha(model.row_attn), _torch_mha(model.col_attn)
+    row_ref, col_ref = torch_mha_like(model.row_attn), torch_mha_like(model.col_attn)
     x = _image()
     kpm = torch.ones(B, HT, WD, dtype=torch.bool)
     kpm[0, 1, 2] = kpm[0, 2, 3] = kpm[1, 2, 1] = False  # padded pixels, never first in a row or column
@@ -83,7 +69,7 @@ def test_on_a_single_row_it_is_multi_head_attention():
     # sees only itself (weight 1), so that pass is its value map followed by its output map.
     model = _model()
     x = _image(height=1)
-    ref = _torch_mha(model.row_attn)
+    ref = torch_mha_like(model.row_attn)
     with torch.no_grad():
         mha = ref(x[:, 0], x[:, 0], x[:, 0], need_weights=False)[0]  # (B, W, C)
         expected = model.col_attn.out_proj(model.col_attn.v_proj(mha))
@@ -94,7 +80,7 @@ def test_distinct_from_full_attention_over_all_pixels():
     # Full multi-head attention over the H*W pixels with the row pass's weights is a different function.
     model = _model()
     x = _image()
-    ref = _torch_mha(model.row_attn)
+    ref = torch_mha_like(model.row_attn)
     flat = x.reshape(B, HT * WD, D)
     with torch.no_grad():
         full = ref(flat, flat, flat, need_weights=False)[0].view(B, HT, WD, D)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.bidirectional_attention import BidirectionalSelfAttention, TwoStreamAttention, bert_mlm_corruption
+from tests.oracles import random_inputs, randomize_, torch_mha_like
 
 D, H, T = 8, 2, 6
 TOL = 1e-10
@@ -18,24 +18,12 @@ TOL = 1e-10
 
 def _init(model, seed=0):
     torch.manual_seed(seed)
-    model = model.double().eval()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(model.double().eval())
 
 
 def _x(b=2, t=T, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _torch_mha(model):
-    ref = nn.MultiheadAttention(D, model.num_heads, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
-    return ref
+    return random_inputs(b, t, D, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------- BERT
@@ -73,7 +61,7 @@ def test_bidirectional_is_torch_multihead_attention_and_causal_with_is_causal(ca
     x = _x()
     future = torch.ones(T, T, dtype=torch.bool).triu(1) if causal else None
     with torch.no_grad():
-        expected = _torch_mha(model)(x, x, x, attn_mask=future)[0]
+        expected = torch_mha_like(model)(x, x, x, attn_mask=future)[0]
         assert (model(x, is_causal=causal) - expected).abs().max() < TOL
         assert (model(x, is_causal=causal, need_weights=True)[0] - expected).abs().max() < TOL
 
@@ -203,7 +191,7 @@ def test_left_to_right_content_stream_is_causal_multihead_attention():
     model = _init(TwoStreamAttention(D, H))
     x = _x()
     with torch.no_grad():
-        expected = _torch_mha(model)(x, x, x, attn_mask=torch.ones(T, T, dtype=torch.bool).triu(1))[0]
+        expected = torch_mha_like(model)(x, x, x, attn_mask=torch.ones(T, T, dtype=torch.bool).triu(1))[0]
         content, query = model(x)
     assert (content - expected).abs().max() < TOL
     assert (query - expected).abs().max() > 1e-2  # distinct: the query stream reads no content of its own

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.bigbird_attention import BigBirdAttention, bigbird_block_layout
+from tests.oracles import load_matching_, mha_reference, random_inputs, randomize_
 
 TOL = 1e-10
 D, H = 8, 2
@@ -21,14 +21,11 @@ def _model(block_size=2, num_window_blocks=3, num_global_blocks=1, num_random_bl
     torch.manual_seed(init_seed)
     model = BigBirdAttention(d_model, num_heads, block_size, num_window_blocks, num_global_blocks, num_random_blocks,
                              seed, **kwargs).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def _x(b=2, t=11, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _dense(model, x, allowed):
@@ -105,14 +102,9 @@ def test_the_seed_changes_the_random_blocks():
 def test_a_window_over_all_blocks_without_random_blocks_is_full_attention(causal):
     t, block = 9, 2  # 5 blocks: a window of 9 blocks covers them all from any block
     model = _model(block, num_window_blocks=9, num_global_blocks=0, num_random_blocks=0)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
         x = _x(t=t)
-        causal_mask = torch.ones(t, t, dtype=torch.bool).triu(1) if causal else None
-        expected = ref(x, x, x, attn_mask=causal_mask)[0]
+        expected = mha_reference(model, x, is_causal=causal)[0]  # nn.MultiheadAttention, copied weights
         assert (model(x, is_causal=causal) - expected).abs().max() < TOL
         # distinct: the default sparse layout (window 3, 1 global, 1 random block) is not full attention
         sparse = _model(block)
@@ -138,10 +130,8 @@ def test_every_constructor_argument_changes_the_output():
     out = base(x)
     state = base.state_dict()
 
-    def same_weights(**kwargs):
-        model = _model(**kwargs)
-        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
-        return model(x)
+    def same_weights(**kwargs):  # a model built with other arguments, holding the base's tensors
+        return load_matching_(_model(**kwargs), state)(x)
 
     for name, value in (("block_size", 3), ("num_window_blocks", 5), ("num_global_blocks", 2),
                         ("num_random_blocks", 2), ("seed", 1), ("num_heads", 4), ("bias", False)):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mechanisms.co_attention import CoAttention
+from tests.oracles import random_inputs, randomize_
 
 D, K, T1, T2 = 6, 4, 4, 7
 TOL = 1e-10
@@ -15,16 +16,12 @@ TOL = 1e-10
 
 def _model(mode="parallel", d_model=D, hidden_dim=K, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = CoAttention(d_model, hidden_dim, mode=mode, **kwargs).double()
-    with torch.no_grad():  # non-zero biases, larger weights: the tanh leaves its linear range
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.7)
-    return model
+    # non-zero biases, larger weights: the tanh leaves its linear range
+    return randomize_(CoAttention(d_model, hidden_dim, mode=mode, **kwargs).double(), 0.7)
 
 
 def _inputs(b=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, T1, D, generator=g, dtype=torch.float64), torch.randn(b, T2, D, generator=g, dtype=torch.float64)
+    return random_inputs(b, (T1, T2), D, seed=seed)
 
 
 def _masks():

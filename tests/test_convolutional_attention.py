@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.convolutional_attention import ConvolutionalAttention, causal_depthwise_conv
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_
 
 FP64_TOL = 1e-10
 D, H = 16, 4
@@ -19,20 +19,12 @@ D, H = 16, 4
 
 def _model(kernel_size=3, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = ConvolutionalAttention(d_model, num_heads, kernel_size=kernel_size, **kwargs).double()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(ConvolutionalAttention(d_model, num_heads, kernel_size=kernel_size, **kwargs).double()).eval()
 
 
 def _inputs(b=2, tq=4, tk=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, t, D, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed)
 
 
 def _delta(model):
@@ -63,18 +55,11 @@ def _conv_loop(x, conv):
 def test_delta_kernel_is_torch_multihead_attention(need_weights):
     model = _model()
     _delta(model)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
     q, k, v = _inputs()
-    mask = torch.rand(2, H, 4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
-    mask[..., 0] = True
-    expected, expected_w = ref(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6), average_attn_weights=False)
+    mask = random_mask((2, H, 4, 6))
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)  # nn.MultiheadAttention, copied weights
     ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < FP64_TOL
 
@@ -100,7 +85,7 @@ def test_matches_an_explicit_loop(kernel_size, need_weights):
                     scores = torch.stack([qc[n, i, cols] @ kc[n, j, cols] / math.sqrt(dh) for j in visible])
                     concat[n, i, cols] = torch.softmax(scores, 0) @ vc[n, visible, cols]
         expected = model.out_proj(concat)
-        ours = _out(model(q, k, v, key_padding_mask=padding, is_causal=True, need_weights=need_weights))
+        ours = output_of(model(q, k, v, key_padding_mask=padding, is_causal=True, need_weights=need_weights))
     assert (ours - expected).abs().max() < FP64_TOL
 
 

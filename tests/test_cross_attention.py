@@ -6,9 +6,9 @@ seed projects' cross-attention failed exactly there.
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.cross_attention import CrossAttention
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -17,43 +17,12 @@ D, C, H = 12, 7, 3
 
 def _model(d_model=D, context_dim=C, num_heads=H, dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = CrossAttention(d_model, context_dim, num_heads, **kwargs).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
-
-
-def _torch_copy(model):
-    """nn.MultiheadAttention(kdim, vdim) holding exactly `model`'s weights."""
-    bias = model.q_proj.bias is not None
-    ref = nn.MultiheadAttention(model.d_model, model.num_heads, bias=bias, kdim=model.context_dim,
-                                vdim=model.context_dim, batch_first=True, dtype=model.q_proj.weight.dtype)
-    with torch.no_grad():
-        ref.q_proj_weight.copy_(model.q_proj.weight)
-        ref.k_proj_weight.copy_(model.k_proj.weight)
-        ref.v_proj_weight.copy_(model.v_proj.weight)
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        if bias:
-            ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-            ref.out_proj.bias.copy_(model.out_proj.bias)
-    return ref.eval()
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(CrossAttention(d_model, context_dim, num_heads, **kwargs).to(dtype))
 
 
 def _inputs(b=2, tq=4, tk=6, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, tq, D, generator=g, dtype=dtype), torch.randn(b, tk, C, generator=g, dtype=dtype)
-
-
-def _random_mask(shape, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask[..., 0] = True  # every query keeps a key (PyTorch's module gives NaN otherwise)
-    return mask
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk), (D, C), seed=seed, dtype=dtype)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -62,9 +31,9 @@ def _out(result):
 def test_matches_torch_multihead_attention_with_kdim_vdim(need_weights, bias, dtype, tol):
     model = _model(bias=bias, dtype=dtype).eval()
     x, context = _inputs(dtype=dtype)
-    expected, expected_w = _torch_copy(model)(x, context, context, average_attn_weights=False)
+    expected, expected_w = mha_reference(model, x, context)  # nn.MultiheadAttention(kdim=, vdim=)
     ours = model(x, context, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < tol
+    assert (output_of(ours) - expected).abs().max() < tol
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < tol
 
@@ -74,14 +43,14 @@ def test_masks_match_torch(need_weights):
     model = _model().eval()
     x, context = _inputs()
     padding = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
-    expected, _ = _torch_copy(model)(x, context, context, key_padding_mask=~padding)
+    expected, _ = mha_reference(model, x, context, key_padding_mask=padding)
     ours = model(x, context, key_padding_mask=padding, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     ours = model(x, context, mask=padding[:, None, None, :], need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL, "the (B, 1, 1, Tk) mask form still works"
-    full = _random_mask((2, H, 4, 6))
-    expected, _ = _torch_copy(model)(x, context, context, attn_mask=~full.reshape(2 * H, 4, 6))
-    assert (_out(model(x, context, mask=full, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL, "the (B, 1, 1, Tk) mask form still works"
+    full = random_mask((2, H, 4, 6))
+    expected, _ = mha_reference(model, x, context, mask=full)
+    assert (output_of(model(x, context, mask=full, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
 
 
 def test_with_context_equal_to_x_it_is_multi_head_self_attention():
@@ -89,13 +58,7 @@ def test_with_context_equal_to_x_it_is_multi_head_self_attention():
     # same four weight matrices, must agree.
     model = _model(context_dim=D).eval()
     x, _ = _inputs()
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
-    self_attention, _ = ref(x, x, x)
+    self_attention, _ = mha_reference(model, x)
     assert (model(x, x) - self_attention).abs().max() < FP64_TOL
     # DISTINCT: with a real context the same weights give a different answer from self-attention over x.
     other = torch.randn(2, 6, D, dtype=torch.float64)
@@ -142,10 +105,10 @@ def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_we
     # it is read per batch element (PyTorch's key_padding_mask); as `mask`, per query row (attn_mask).
     model = _model().eval()
     x, context = _inputs(b=4, tq=4)
-    padding = _random_mask((4, 6), seed=5)
-    per_batch, _ = _torch_copy(model)(x, context, context, key_padding_mask=~padding)
-    per_query, _ = _torch_copy(model)(x, context, context, attn_mask=~padding)
-    ours = _out(model(x, context, key_padding_mask=padding, need_weights=need_weights))
+    padding = random_mask((4, 6), seed=5)
+    per_batch, _ = mha_reference(model, x, context, key_padding_mask=padding)
+    per_query, _ = mha_reference(model, x, context, mask=padding)
+    ours = output_of(model(x, context, key_padding_mask=padding, need_weights=need_weights))
     assert (ours - per_batch).abs().max() < FP64_TOL
-    assert (_out(model(x, context, mask=padding, need_weights=need_weights)) - per_query).abs().max() < FP64_TOL
+    assert (output_of(model(x, context, mask=padding, need_weights=need_weights)) - per_query).abs().max() < FP64_TOL
     assert (per_batch - per_query).abs().max() > 1e-3, "the two readings should differ on this input"

@@ -21,6 +21,7 @@ from mechanisms.dual_attention import (Attention, DisentangledRelationalCrossAtt
                                        PositionalSymbolRetriever, PositionRelativeSymbolRetriever,
                                        RelationalAttention, RelationalCrossAttention, Seq2SeqDualAttnTransformer,
                                        SymbolicAttention, VisionDualAttnTransformer)
+from tests.oracles import random_mask, randomize_
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-10
@@ -36,11 +37,7 @@ def _pkg(module):
 
 def _randomize(module, scale=0.5, seed=0):
     """Random values in every parameter (biases and norms included), so that a dropped term shows."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * scale)
-    return module
+    return randomize_(module, scale, seed=seed)
 
 
 def _twins(pkg_cls, our_cls, *args, scale=0.5, **kwargs):
@@ -63,10 +60,7 @@ def _inputs(seed=1, b=B, t=T, d=D, dtype=torch.float32):
 
 
 def _random_mask(t=T, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(t, t, generator=g) > 0.4
-    mask[:, 0] = True  # every query keeps a key: the package gives NaN otherwise
-    return mask
+    return random_mask((t, t), seed)  # every query keeps a key: the package gives NaN otherwise
 
 
 def _rope(dim, t=T):

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.gated_attention import GatedAttention
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, H = 16, 4
@@ -18,20 +18,12 @@ D, H = 16, 4
 
 def _model(gate="elementwise", d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = GatedAttention(d_model, num_heads, gate=gate, **kwargs).double()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(GatedAttention(d_model, num_heads, gate=gate, **kwargs).double()).eval()
 
 
 def _inputs(b=2, tq=4, tk=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, t, D, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed)
 
 
 def _fix_gate(model, logit):
@@ -39,16 +31,6 @@ def _fix_gate(model, logit):
     with torch.no_grad():
         model.gate_proj.weight.zero_()
         model.gate_proj.bias.fill_(logit)
-
-
-def _torch_mha(model):
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
-    return ref
 
 
 def _formula(model, query, key, value, allowed):
@@ -77,12 +59,10 @@ def test_gate_fixed_to_one_is_torch_multihead_attention(gate, need_weights):
     _fix_gate(model, 1e4)
     q, k, v = _inputs()
     assert (model.gate_scores(q) == 1.0).all()
-    mask = torch.rand(2, H, 4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
-    mask[..., 0] = True
-    expected, expected_w = _torch_mha(model)(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6),
-                                             average_attn_weights=False)
+    mask = random_mask((2, H, 4, 6))
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)  # nn.MultiheadAttention, copied weights
     ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < FP64_TOL
 
@@ -103,7 +83,7 @@ def test_matches_the_formula_written_out(gate, need_weights):
     padding = torch.tensor([[True, True, True, True, False], [True, False, True, True, True]])
     causal = torch.tensor([[j <= i + 5 - 3 for j in range(5)] for i in range(3)])  # bottom-right aligned
     expected = _formula(model, q, k, v, causal & padding[:, None, :])
-    ours = _out(model(q, k, v, key_padding_mask=padding, is_causal=True, need_weights=need_weights))
+    ours = output_of(model(q, k, v, key_padding_mask=padding, is_causal=True, need_weights=need_weights))
     assert (ours - expected).abs().max() < FP64_TOL
 
 
@@ -112,7 +92,7 @@ def test_distinct_from_multi_head_attention():
     for gate in ("elementwise", "headwise"):
         model = _model(gate)
         q, k, v = _inputs()
-        expected, _ = _torch_mha(model)(q, k, v)
+        expected, _ = torch_mha_like(model)(q, k, v)
         assert (model(q, k, v) - expected).abs().max() > 1e-2, gate
 
 
@@ -134,7 +114,7 @@ def test_the_gate_makes_a_constant_value_query_dependent():
     with torch.no_grad():
         model.v_proj.weight.zero_()  # every value = b^V
     q, k, v = _inputs()
-    plain = _torch_mha(model)(q, k, v)[0]
+    plain = torch_mha_like(model)(q, k, v)[0]
     assert (plain - plain[:, :1]).abs().max() < FP64_TOL  # the same output for every query
     gated = model(q, k, v)
     assert (gated - gated[:, :1]).abs().max() > 1e-2  # query-dependent

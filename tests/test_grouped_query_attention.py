@@ -9,10 +9,10 @@ import pathlib
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from mechanisms.grouped_query_attention import GroupedQueryAttention, kv_cache_bytes, kv_cache_table
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -22,28 +22,12 @@ PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "mechanisms" / "gr
 
 def _model(d_model=D, num_heads=H, num_kv_heads=HKV, dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = GroupedQueryAttention(d_model, num_heads, num_kv_heads, **kwargs).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(GroupedQueryAttention(d_model, num_heads, num_kv_heads, **kwargs).to(dtype))
 
 
 def _inputs(b=2, tq=4, tk=6, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, tq, D, generator=g, dtype=dtype), torch.randn(b, tk, D, generator=g, dtype=dtype),
-            torch.randn(b, tk, D, generator=g, dtype=dtype))
-
-
-def _random_mask(shape, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask[..., 0] = True  # every query keeps a key (the oracles give NaN otherwise)
-    return mask
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed, dtype=dtype)
 
 
 def _heads(model, query, key, value):
@@ -75,17 +59,11 @@ def _repeat_interleave_oracle(model, query, key, value, allowed=None):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)])
 def test_with_as_many_kv_heads_as_heads_it_is_torch_multihead_attention(need_weights, dtype, tol):
     model = _model(num_kv_heads=H, dtype=dtype).eval()
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=dtype).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
     q, k, v = _inputs(dtype=dtype)
-    mask = _random_mask((2, H, 4, 6))
-    expected, expected_w = ref(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6), average_attn_weights=False)
+    mask = random_mask((2, H, 4, 6))  # every query keeps a key (the oracles give NaN otherwise)
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)
     ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < tol
+    assert (output_of(ours) - expected).abs().max() < tol
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < tol
 
@@ -95,11 +73,11 @@ def test_with_as_many_kv_heads_as_heads_it_is_torch_multihead_attention(need_wei
 def test_matches_torch_sdpa_with_enable_gqa(need_weights, num_kv_heads):
     model = _model(num_kv_heads=num_kv_heads).eval()
     query, key, value = _inputs()
-    mask = _random_mask((2, H, 4, 6))
+    mask = random_mask((2, H, 4, 6))
     with torch.no_grad():
         q, k, v = _heads(model, query, key, value)
         expected = _finish(model, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
-        ours = _out(model(query, key, value, mask=mask, need_weights=need_weights))
+        ours = output_of(model(query, key, value, mask=mask, need_weights=need_weights))
     assert (ours - expected).abs().max() < FP64_TOL
 
 
@@ -227,12 +205,12 @@ def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_we
     # hides batch element b's padding; as `mask` row i is query i's pattern. Both against the oracle.
     model = _model().eval()
     query, key, value = _inputs(tq=2)
-    padding = _random_mask((2, 6), seed=5)
+    padding = random_mask((2, 6), seed=5)
     with torch.no_grad():
         per_batch, _ = _repeat_interleave_oracle(model, query, key, value, padding[:, None, None, :])
         per_query, _ = _repeat_interleave_oracle(model, query, key, value, padding)
-        ours = _out(model(query, key, value, key_padding_mask=padding, need_weights=need_weights))
-        as_mask = _out(model(query, key, value, mask=padding, need_weights=need_weights))
+        ours = output_of(model(query, key, value, key_padding_mask=padding, need_weights=need_weights))
+        as_mask = output_of(model(query, key, value, mask=padding, need_weights=need_weights))
     assert (ours - per_batch).abs().max() < FP64_TOL
     assert (as_mask - per_query).abs().max() < FP64_TOL
     assert (per_batch - per_query).abs().max() > 1e-3, "the two readings should differ on this input"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mechanisms.hierarchical_attention import HierarchicalAttention, effective_word_weights
+from tests.oracles import randomize_
 
 D, K, S, W = 6, 4, 3, 5
 TOL = 1e-10
@@ -14,11 +15,8 @@ TOL = 1e-10
 
 def _model(d_model=D, hidden_dim=K, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = HierarchicalAttention(d_model, hidden_dim, **kwargs).double()
-    with torch.no_grad():  # non-zero biases, larger weights: the tanh leaves its linear range
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.8)
-    return model
+    # non-zero biases, larger weights: the tanh leaves its linear range
+    return randomize_(HierarchicalAttention(d_model, hidden_dim, **kwargs).double(), 0.8)
 
 
 def _docs(b=2, s=S, seed=1):

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.hybrid_attention import (HybridAttention, _linear_chunkwise_causal, taylor_feature_map,
                                          taylor_linear_attention_recurrent)
+from tests.oracles import mha_reference, random_inputs, randomize_
 
 D, H, FD = 8, 2, 3
 TOL = 1e-10
@@ -19,15 +19,12 @@ TOL = 1e-10
 
 def _model(d_model=D, num_heads=H, window=2, feature_dim=FD, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = HybridAttention(d_model, num_heads, window, feature_dim=feature_dim, **kwargs).double().eval()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(HybridAttention(d_model, num_heads, window, feature_dim=feature_dim, **kwargs).double().eval())
 
 
 def _x(b=2, t=7, d=D, seed=1):
-    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, d, seed=seed)
 
 
 def _loop_oracle(model, query, key, causal, keep=None):
@@ -143,14 +140,9 @@ def test_cross_lengths_are_aligned_bottom_right():
 @pytest.mark.parametrize("causal", [False, True])
 def test_without_linear_branch_and_with_a_full_window_it_is_multihead_attention(causal):
     model = _model(window=6, linear_branch=False)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
         x = _x()
-        future = torch.ones(7, 7, dtype=torch.bool).triu(1) if causal else None
-        expected = ref(x, x, x, attn_mask=future)[0]
+        expected = mha_reference(model, x, is_causal=causal)[0]  # nn.MultiheadAttention, copied weights
         assert (model(x, is_causal=causal) - expected).abs().max() < TOL
         assert (model(x, is_causal=causal, need_weights=True)[0] - expected).abs().max() < TOL
 

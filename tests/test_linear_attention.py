@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mechanisms.linear_attention import (LinearAttention, causal_linear_attention_chunkwise,
                                          causal_linear_attention_cumsum, elu_feature_map,
                                          linear_attention_recurrent)
+from tests.oracles import mha_reference, output_of, random_inputs, randomize_
 
 FP64_TOL = 1e-10
 D, H, T = 8, 2, 11
@@ -22,15 +22,11 @@ CHUNKS = [1, 2, 3, 4, 5, 7, 11, 16]  # 11 is prime: every chunk size except 1, 1
 
 def _model(d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = LinearAttention(d_model, num_heads, **kwargs).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    return randomize_(LinearAttention(d_model, num_heads, **kwargs).double())
 
 
 def _x(b=2, t=T, seed=1):
-    return torch.randn(b, t, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _heads(model, query, key, value):
@@ -62,16 +58,12 @@ def _causal(tq, tk, padding=None):
     return lambda b, i, j: j <= i + tk - tq and (padding is None or bool(padding[b, j]))
 
 
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
-
-
 @torch.no_grad()
 def test_every_form_equals_the_double_loop_for_every_chunk_size():
     model = _model()
     x = _x()
     expected = _double_loop(model, x, x, x, _causal(T, T))
-    assert (_out(model(x, is_causal=True, need_weights=True)) - expected).abs().max() < FP64_TOL, "parallel"
+    assert (output_of(model(x, is_causal=True, need_weights=True)) - expected).abs().max() < FP64_TOL, "parallel"
     for chunk in CHUNKS:
         model.chunk_size = chunk
         assert (model(x, is_causal=True) - expected).abs().max() < FP64_TOL, f"chunkwise, chunk {chunk}"
@@ -101,7 +93,7 @@ def test_key_padding_in_every_form_equals_the_double_loop():
     padding[0, 2] = False
     expected = _double_loop(model, x, x, x, lambda b, i, j: bool(padding[b, j]))
     assert (model(x, key_padding_mask=padding) - expected).abs().max() < FP64_TOL, "non-causal O(T)"
-    assert (_out(model(x, key_padding_mask=padding, need_weights=True)) - expected).abs().max() < FP64_TOL
+    assert (output_of(model(x, key_padding_mask=padding, need_weights=True)) - expected).abs().max() < FP64_TOL
     expected = _double_loop(model, x, x, x, _causal(T, T, padding))
     for chunk in (3, 16):
         model.chunk_size = chunk
@@ -117,7 +109,7 @@ def test_cross_attention_and_bottom_right_causal_equal_the_double_loop(tq, tk):
     assert (model(query, key, value) - expected).abs().max() < FP64_TOL, "non-causal"
     expected = _double_loop(model, query, key, value, _causal(tq, tk))
     assert (model(query, key, value, is_causal=True) - expected).abs().max() < FP64_TOL, "causal chunkwise"
-    assert (_out(model(query, key, value, is_causal=True, need_weights=True)) - expected).abs().max() < FP64_TOL
+    assert (output_of(model(query, key, value, is_causal=True, need_weights=True)) - expected).abs().max() < FP64_TOL
 
 
 def test_chunkwise_state_is_the_sum_over_all_tokens():
@@ -135,9 +127,7 @@ def test_chunkwise_state_is_the_sum_over_all_tokens():
 def test_distinct_from_softmax_attention_with_the_same_projections():
     model = _model()
     x = _x()
-    split = lambda t: t.view(2, T, H, -1).transpose(1, 2)  # noqa: E731
-    q, k, v = split(model.q_proj(x)), split(model.k_proj(x)), split(model.v_proj(x))
-    softmax = model.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, T, D))
+    softmax = mha_reference(model, x, is_causal=True)[0]  # causal softmax attention, the same four projections
     assert (model(x, is_causal=True) - softmax).abs().max() > 1e-2
 
 

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.linformer import LinformerAttention
+from tests.oracles import random_inputs, randomize_, torch_mha_like
 
 TOL = 1e-10
 D, H = 8, 2
@@ -20,24 +20,11 @@ D, H = 8, 2
 def _model(max_seq_len=8, proj_dim=3, share_kv=False, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = LinformerAttention(d_model, num_heads, max_seq_len, proj_dim, share_kv, **kwargs).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model, biases_only=True).eval()
 
 
 def _x(b=2, t=6, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _mha(model):
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
-    return ref
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _reference(model, xq, xk, real):
@@ -73,7 +60,7 @@ def test_identity_or_permutation_projections_with_k_equal_n_are_multi_head_atten
         model.e_proj.copy_(p)
         model.f_proj.copy_(p)
     xq, xk = _x(t=4), _x(t=t, seed=2)
-    expected, expected_w = _mha(model)(xq, xk, xk, average_attn_weights=False)
+    expected, expected_w = torch_mha_like(model)(xq, xk, xk, average_attn_weights=False)
     with torch.no_grad():
         result = model(xq, xk, need_weights=need_weights)
     out = result[0] if need_weights else result
@@ -113,7 +100,7 @@ def test_distinct_from_multi_head_attention():
     model = _model(max_seq_len=t, proj_dim=t)  # k = n, but a random E and F, not a permutation
     x = _x(t=t)
     with torch.no_grad():
-        assert (model(x) - _mha(model)(x, x, x)[0]).abs().max() > 1e-3
+        assert (model(x) - torch_mha_like(model)(x, x, x)[0]).abs().max() > 1e-3
 
 
 def test_weights_are_over_the_k_projected_rows_and_taken_before_dropout():

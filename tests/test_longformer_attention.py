@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.longformer_attention import LongformerAttention, longformer_mask
+from tests.oracles import mha_reference, random_inputs, randomize_
 
 TOL = 1e-10
 D, H = 8, 2
@@ -20,14 +20,11 @@ D, H = 8, 2
 def _model(window=2, global_projections=True, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = LongformerAttention(d_model, num_heads, window, global_projections=global_projections, **kwargs).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def _x(b=2, t=9, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _lin(layer, x):
@@ -98,17 +95,12 @@ def test_longformer_mask_is_the_pattern_of_the_paper():
 def test_window_covering_the_sequence_is_full_attention(causal):
     t = 6
     model = _model(window=t - 1)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
         x = _x(t=t)
-        causal_mask = torch.ones(t, t, dtype=torch.bool).triu(1) if causal else None
-        expected = ref(x, x, x, attn_mask=causal_mask)[0]
+        expected = mha_reference(model, x, is_causal=causal)[0]  # nn.MultiheadAttention, copied weights
         assert (model(x, is_causal=causal) - expected).abs().max() < TOL
         # and a window of T - 2 is not: the two ends no longer see each other.
-        assert (_model(window=t - 2)(x) - ref(x, x, x)[0]).abs().max() > 1e-3
+        assert (_model(window=t - 2)(x) - mha_reference(model, x)[0]).abs().max() > 1e-3
 
 
 def test_information_crosses_the_sequence_in_one_layer_only_through_global_tokens():

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.memory_augmented_attention import MemoryAugmentedAttention, knn_lookup
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_
 
 FP64_TOL = 1e-10
 D, H, B, TQ, TK, M = 16, 2, 2, 4, 6, 9
@@ -21,17 +21,12 @@ DH = D // H
 def _model(dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
     kwargs = {"d_model": D, "num_heads": H, **kwargs}
-    model = MemoryAugmentedAttention(**kwargs).to(dtype).eval()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(MemoryAugmentedAttention(**kwargs).to(dtype).eval(), biases_only=True)
 
 
 def _inputs(seed=1, tq=TQ, tk=TK):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, t, D, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
+    return random_inputs(B, (tq, tk, tk), D, seed=seed)
 
 
 def _memory(seed=2, size=M):
@@ -85,20 +80,12 @@ def _memory_heads(model, query, memory, top_k):
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_without_memory_it_is_torch_multihead_attention(need_weights):
     model = _model(num_persistent=0)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
     q, k, v = _inputs()
-    mask = torch.rand(B, H, TQ, TK, generator=torch.Generator().manual_seed(3)) > 0.4
-    mask[..., 0] = True
-    expected, expected_w = ref(q, k, v, attn_mask=~mask.reshape(B * H, TQ, TK), average_attn_weights=False)
+    mask = random_mask((B, H, TQ, TK), seed=3)
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)  # nn.MultiheadAttention, copied weights
     with torch.no_grad():
         ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    out = ours[0] if need_weights else ours
-    assert (out - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < FP64_TOL
 

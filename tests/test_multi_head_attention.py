@@ -6,9 +6,9 @@ PyTorch's module takes masks of the opposite polarity (True = blocked): a (B, H,
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.multi_head_attention import MultiHeadAttention
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -17,43 +17,12 @@ D, H = 12, 3
 
 def _model(d_model=D, num_heads=H, dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = MultiHeadAttention(d_model, num_heads, **kwargs).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
-
-
-def _torch_copy(model):
-    """nn.MultiheadAttention holding exactly `model`'s weights."""
-    bias = model.q_proj.bias is not None
-    ref = nn.MultiheadAttention(model.d_model, model.num_heads, bias=bias, batch_first=True,
-                                dtype=model.q_proj.weight.dtype)
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        if bias:
-            ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-            ref.out_proj.bias.copy_(model.out_proj.bias)
-    return ref.eval()
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(MultiHeadAttention(d_model, num_heads, **kwargs).to(dtype))
 
 
 def _inputs(b=2, tq=4, tk=6, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, tq, D, generator=g, dtype=dtype), torch.randn(b, tk, D, generator=g, dtype=dtype),
-            torch.randn(b, tk, D, generator=g, dtype=dtype))
-
-
-def _random_mask(shape, seed=2):
-    """Random boolean mask, every query row keeping at least one key (PyTorch's module gives NaN otherwise)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask[..., 0] = True
-    return mask
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed, dtype=dtype)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -61,12 +30,12 @@ def _out(result):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)])
 def test_matches_torch_multihead_attention(need_weights, bias, dtype, tol):
     model = _model(bias=bias, dtype=dtype).eval()
-    ref = _torch_copy(model)
+    ref = torch_mha_like(model)
     q, k, v = _inputs(dtype=dtype)
     for args in ((q, k, v), (q, q, q)):  # cross-sequence and self-attention
         ours = model(*args, need_weights=need_weights)
         expected, expected_w = ref(*args, need_weights=True, average_attn_weights=False)
-        diff = (_out(ours) - expected).abs().max()
+        diff = (output_of(ours) - expected).abs().max()
         assert diff < tol, f"output differs by {diff} > {tol}"
         if need_weights:
             assert (ours[1] - expected_w).abs().max() < tol, "weights differ"
@@ -83,11 +52,10 @@ def test_key_and_value_default_to_query():
 def test_full_mask_matches_torch_attn_mask(need_weights, dtype, tol):
     model = _model(dtype=dtype).eval()
     q, k, v = _inputs(dtype=dtype)
-    mask = _random_mask((2, H, 4, 6))
-    expected, expected_w = _torch_copy(model)(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6),
-                                              average_attn_weights=False)
+    mask = random_mask((2, H, 4, 6))
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)
     ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < tol
+    assert (output_of(ours) - expected).abs().max() < tol
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < tol
 
@@ -100,13 +68,13 @@ def test_key_padding_mask_matches_torch_even_when_batch_equals_tq(need_weights):
     model = _model().eval()
     q, k, v = _inputs(tq=2)
     padding = torch.tensor([[True, True, True, True, False, False], [True, False, True, True, True, True]])
-    expected, _ = _torch_copy(model)(q, k, v, key_padding_mask=~padding)
-    ours = _out(model(q, k, v, key_padding_mask=padding, need_weights=need_weights))
+    expected, _ = torch_mha_like(model)(q, k, v, key_padding_mask=~padding)
+    ours = output_of(model(q, k, v, key_padding_mask=padding, need_weights=need_weights))
     assert (ours - expected).abs().max() < FP64_TOL
-    four_d = _out(model(q, k, v, mask=padding[:, None, None, :], need_weights=need_weights))
+    four_d = output_of(model(q, k, v, mask=padding[:, None, None, :], need_weights=need_weights))
     assert (four_d - expected).abs().max() < FP64_TOL, "the (B, 1, 1, Tk) mask form still works"
-    as_rows, _ = _torch_copy(model)(q, k, v, attn_mask=~padding)
-    assert (_out(model(q, k, v, mask=padding, need_weights=need_weights)) - as_rows).abs().max() < FP64_TOL
+    as_rows, _ = torch_mha_like(model)(q, k, v, attn_mask=~padding)
+    assert (output_of(model(q, k, v, mask=padding, need_weights=need_weights)) - as_rows).abs().max() < FP64_TOL
     assert (ours - as_rows).abs().max() > 1e-3, "the two readings should differ on this input"
 
 
@@ -115,8 +83,8 @@ def test_causal_matches_torch_with_explicit_mask(need_weights):
     model = _model().eval()
     q, _, _ = _inputs(tq=5)
     blocked = torch.ones(5, 5, dtype=torch.bool).triu(diagonal=1)  # True = blocked, PyTorch's polarity
-    expected, _ = _torch_copy(model)(q, q, q, attn_mask=blocked)
-    assert (_out(model(q, is_causal=True, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
+    expected, _ = torch_mha_like(model)(q, q, q, attn_mask=blocked)
+    assert (output_of(model(q, is_causal=True, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
 
 
 def test_rectangular_causal_is_aligned_bottom_right():
@@ -124,9 +92,9 @@ def test_rectangular_causal_is_aligned_bottom_right():
     model = _model().eval()
     q, k, v = _inputs(tq=2, tk=6)
     blocked = torch.tensor([[j > i + 4 for j in range(6)] for i in range(2)])
-    expected, _ = _torch_copy(model)(q, k, v, attn_mask=blocked)
+    expected, _ = torch_mha_like(model)(q, k, v, attn_mask=blocked)
     for need_weights in (False, True):
-        assert (_out(model(q, k, v, is_causal=True, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
+        assert (output_of(model(q, k, v, is_causal=True, need_weights=need_weights)) - expected).abs().max() < FP64_TOL
 
 
 def test_every_constructor_argument_changes_the_output():

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from mechanisms.multi_head_latent_attention import (MultiHeadLatentAttention, cache_elements_per_token,
                                                     cache_table)
+from tests.oracles import random_inputs, random_mask
 
 TOL = 1e-10
 D, H, DC, DR = 16, 4, 6, 4
@@ -32,7 +33,7 @@ def _model(d_model=D, num_heads=H, kv_latent_dim=DC, rope_dim=DR, q_latent_dim=5
 
 
 def _x(b=2, t=5, seed=1, d=D):
-    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, d, seed=seed)
 
 
 def _lin(layer, x):
@@ -113,8 +114,7 @@ def test_without_compression_or_rope_it_is_torch_multihead_attention(need_weight
         ref.out_proj.weight.copy_(model.out_proj.weight)
         ref.out_proj.bias.copy_(model.out_proj.bias)
     xq, xk = _x(t=4), _x(t=6, seed=2)
-    mask = torch.rand(2, H, 4, 6, generator=torch.Generator().manual_seed(3)) > 0.4
-    mask[..., 0] = True
+    mask = random_mask((2, H, 4, 6), seed=3)
     expected, expected_w = ref(xq, xk, xk, attn_mask=~mask.reshape(2 * H, 4, 6), average_attn_weights=False)
     with torch.no_grad():
         result = model(xq, xk, mask=mask, need_weights=need_weights)

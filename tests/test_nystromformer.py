@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.nystromformer import NystromAttention, newton_schulz_pinv
+from tests.oracles import load_matching_, random_inputs, randomize_, torch_mha_like
 
 TOL = 1e-9
 D, H = 8, 2
@@ -18,24 +18,11 @@ D, H = 8, 2
 def _model(num_landmarks=4, pinv_iterations=None, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = NystromAttention(d_model, num_heads, num_landmarks, pinv_iterations, **kwargs).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model, biases_only=True).eval()
 
 
 def _x(b=2, t=10, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _mha(model):
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
-    return ref
+    return random_inputs(b, t, D, seed=seed)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -46,7 +33,7 @@ def test_m_equal_t_with_the_exact_pseudo_inverse_is_softmax_attention(padded):
     kpm = torch.ones(2, t, dtype=torch.bool)
     if padded:
         kpm[1, [2, 6]] = False
-    expected, expected_w = _mha(model)(x, x, x, key_padding_mask=~kpm, average_attn_weights=False)
+    expected, expected_w = torch_mha_like(model)(x, x, x, key_padding_mask=~kpm, average_attn_weights=False)
     with torch.no_grad():
         out, weights = model(x, key_padding_mask=kpm, need_weights=True)
         # S = S S^+ S: the Nystrom reconstruction from all rows and columns is exact (eq. (4)).
@@ -108,7 +95,7 @@ def test_error_falls_as_landmarks_are_added():
         for m in errors:
             model = _model(num_landmarks=m, pinv_iterations=None, seed=seed)
             with torch.no_grad():
-                errors[m] += (model(x) - _mha(model)(x, x, x)[0]).abs().mean().item()
+                errors[m] += (model(x) - torch_mha_like(model)(x, x, x)[0]).abs().mean().item()
     assert errors[2] > errors[4] > errors[8] > errors[16], errors
     assert errors[16] < 1e-8, errors
 
@@ -117,7 +104,7 @@ def test_distinct_from_multi_head_attention():
     model = _model(num_landmarks=3, pinv_iterations=6)
     x = _x(t=12)
     with torch.no_grad():
-        assert (model(x) - _mha(model)(x, x, x)[0]).abs().max() > 1e-3
+        assert (model(x) - torch_mha_like(model)(x, x, x)[0]).abs().max() > 1e-3
 
 
 def test_mask_and_causal_are_refused():
@@ -137,10 +124,8 @@ def test_every_constructor_argument_changes_the_output():
     out = base(x)
     state = base.state_dict()
 
-    def same_weights(**kwargs):
-        model = _model(**kwargs)
-        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
-        return model(x)
+    def same_weights(**kwargs):  # a model built with other arguments, holding the base's tensors
+        return load_matching_(_model(**kwargs), state)(x)
 
     assert (same_weights(num_landmarks=3, pinv_iterations=6) - out).abs().max() > 1e-3, "num_landmarks"
     assert (same_weights(num_landmarks=4, pinv_iterations=2) - out).abs().max() > 1e-3, "pinv_iterations"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mechanisms.performer import PerformerAttention, gaussian_projection, positive_random_features
+from tests.oracles import random_inputs
 
 FP64_TOL = 1e-10
 D, H, T = 8, 2, 7
@@ -28,7 +29,7 @@ def _model(d_model=D, num_heads=H, seed=0, **kwargs):
 
 
 def _x(b=2, t=T, seed=1, width=D):
-    return torch.randn(b, t, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return random_inputs(b, t, width, seed=seed)
 
 
 def _phi(x, w):

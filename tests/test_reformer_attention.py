@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mechanisms.reformer_attention import SELF_SCORE, ReformerAttention, lsh_buckets
+from tests.oracles import random_inputs, randomize_
 
 TOL = 1e-10
 D, H = 8, 2
@@ -16,15 +17,11 @@ D, H = 8, 2
 def _model(num_buckets=4, num_hashes=2, chunk_size=3, seed=0, d_model=D, num_heads=H, init_seed=0, **kwargs):
     torch.manual_seed(init_seed)
     model = ReformerAttention(d_model, num_heads, num_buckets, num_hashes, chunk_size, seed, **kwargs).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model, biases_only=True).eval()
 
 
 def _x(b=2, t=10, seed=1, d=D):
-    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, d, seed=seed)
 
 
 def _heads(model, x):

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mechanisms.retention import (MultiScaleRetention, decay_matrix, retention_chunkwise, retention_decays,
                                   retention_parallel, retention_recurrent)
+from tests.oracles import mha_reference, random_inputs, randomize_
 
 FP64_TOL = 1e-10
 D, H, T = 8, 2, 11
@@ -21,15 +21,11 @@ CHUNKS = [1, 2, 3, 4, 7, 11, 16]
 
 def _model(d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = MultiScaleRetention(d_model, num_heads, **kwargs).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    return randomize_(MultiScaleRetention(d_model, num_heads, **kwargs).double())
 
 
 def _x(b=2, t=T, seed=1):
-    return torch.randn(b, t, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _double_loop(model, x, padding=None):
@@ -129,9 +125,7 @@ def test_key_padding_equals_the_double_loop_in_every_form():
 def test_distinct_from_softmax_attention_with_the_same_projections():
     model = _model()
     x = _x()
-    split = lambda t: t.view(2, T, H, -1).transpose(1, 2)  # noqa: E731
-    q, k, v = split(model.q_proj(x)), split(model.k_proj(x)), split(model.v_proj(x))
-    softmax = model.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, T, D))
+    softmax = mha_reference(model, x, is_causal=True)[0]  # causal softmax attention, the same four projections
     assert (model(x) - softmax).abs().max() > 1e-2
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mechanisms.scaled_dot_product_attention import scaled_dot_product_attention as sdpa
+from tests.oracles import random_mask
 
 FP64_TOL = 1e-12  # float64: the two computations differ only by rounding
 FP32_TOL = 1e-5
@@ -26,14 +27,6 @@ def _qkv(b=2, h=3, tq=4, tk=6, dh=5, dv=7, dtype=torch.float64, seed=0):
             torch.randn(b, h, tk, dv, generator=g, dtype=dtype))
 
 
-def _random_mask(shape, seed=1):
-    """A random boolean mask whose every query row keeps at least one key (the oracle would give NaN)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask[..., 0] = True
-    return mask
-
-
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, FP64_TOL), (torch.float32, FP32_TOL)])
 def test_matches_torch_without_mask(need_weights, dtype, tol):
@@ -46,7 +39,7 @@ def test_matches_torch_without_mask(need_weights, dtype, tol):
 @pytest.mark.parametrize("mask_shape", [(2, 3, 4, 6), (2, 1, 1, 6), (1, 3, 4, 1), (4, 6), (1, 6)])
 def test_matches_torch_with_a_boolean_mask(need_weights, mask_shape):
     q, k, v = _qkv()
-    mask = _random_mask(mask_shape)
+    mask = random_mask(mask_shape, seed=1)  # every query row keeps a key (the oracle would give NaN)
     ours = _run(q, k, v, need_weights, mask=mask)
     diff = (ours - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max()
     assert diff < FP64_TOL, f"mask {mask_shape}: max difference {diff} exceeds {FP64_TOL}"
@@ -103,8 +96,8 @@ def test_every_argument_changes_the_output():
     base = sdpa(q, k, v)
     torch.manual_seed(0)
     variants = {
-        "mask": sdpa(q, k, v, mask=_random_mask((6, 6))),
-        "key_padding_mask": sdpa(q, k, v, key_padding_mask=_random_mask((2, 6))),
+        "mask": sdpa(q, k, v, mask=random_mask((6, 6), seed=1)),
+        "key_padding_mask": sdpa(q, k, v, key_padding_mask=random_mask((2, 6), seed=1)),
         "is_causal": sdpa(q, k, v, is_causal=True),
         "dropout_p": sdpa(q, k, v, dropout_p=0.5),
         "scale": sdpa(q, k, v, scale=2.0),
@@ -119,7 +112,7 @@ def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_we
     # (Tq, Tk), row i for query i (the documented convention); passed as `key_padding_mask` it is read as
     # (B, Tk), row b for batch element b. The oracle is PyTorch's kernel with the (B, 1, 1, Tk) mask.
     q, k, v = _qkv(b=4, tq=4, tk=6)
-    padding = _random_mask((4, 6), seed=3)
+    padding = random_mask((4, 6), seed=3)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
     ours = _run(q, k, v, need_weights, key_padding_mask=padding)
     assert (ours - expected).abs().max() < FP64_TOL
@@ -130,7 +123,7 @@ def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_tq(need_we
 
 def test_mask_key_padding_mask_and_is_causal_combine_by_and():
     q, k, v = _qkv(tq=5, tk=5)
-    mask = _random_mask((2, 3, 5, 5), seed=4)
+    mask = random_mask((2, 3, 5, 5), seed=4)
     padding = torch.tensor([[True, True, False, True, True], [True, False, True, True, False]])
     allowed = mask & padding[:, None, None, :] & torch.ones(5, 5, dtype=torch.bool).tril()
     allowed[..., 0] = True  # column 0 is visible in all three, so no row is empty for the oracle

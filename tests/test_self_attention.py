@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.self_attention import SelfAttention
+from tests.oracles import output_of, random_inputs, random_mask, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -18,25 +18,13 @@ D = 8
 
 def _model(d_model=D, dtype=torch.float64, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = SelfAttention(d_model, **kwargs).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would be noticed
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    # non-zero biases, so that a dropped bias would be noticed
+    return randomize_(SelfAttention(d_model, **kwargs).to(dtype))
 
 
 def _torch_copy(model, num_heads=1):
     """nn.MultiheadAttention with `model`'s W_Q, W_K, W_V and an identity output projection."""
-    bias = model.q_proj.bias is not None
-    ref = nn.MultiheadAttention(model.d_model, num_heads, bias=bias, batch_first=True,
-                                dtype=model.q_proj.weight.dtype)
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.out_proj.weight.copy_(torch.eye(model.d_model))
-        if bias:
-            ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-            ref.out_proj.bias.zero_()
-    return ref.eval()
+    return torch_mha_like(model, num_heads=num_heads, identity_out_proj=True)
 
 
 def _formula(model, x, allowed=None):
@@ -56,18 +44,7 @@ def _formula(model, x, allowed=None):
 
 
 def _x(b=2, t=5, dtype=torch.float64, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def _random_mask(shape, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask[..., 0] = True  # every query keeps a key (PyTorch's module gives NaN otherwise)
-    return mask
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, t, D, seed=seed, dtype=dtype)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -75,9 +52,9 @@ def test_matches_the_formula_written_out(need_weights):
     model = _model().eval()
     x = _x()
     with torch.no_grad():
-        assert (_out(model(x, need_weights=need_weights)) - _formula(model, x)).abs().max() < FP64_TOL
+        assert (output_of(model(x, need_weights=need_weights)) - _formula(model, x)).abs().max() < FP64_TOL
         allowed = torch.ones(2, 5, 5, dtype=torch.bool).tril()
-        assert (_out(model(x, is_causal=True, need_weights=need_weights))
+        assert (output_of(model(x, is_causal=True, need_weights=need_weights))
                 - _formula(model, x, allowed)).abs().max() < FP64_TOL
 
 
@@ -87,10 +64,10 @@ def test_matches_the_formula_written_out(need_weights):
 def test_matches_torch_multihead_attention_with_one_head(need_weights, bias, dtype, tol):
     model = _model(bias=bias, dtype=dtype).eval()
     x = _x(dtype=dtype)
-    mask = _random_mask((2, 1, 5, 5))
+    mask = random_mask((2, 1, 5, 5))  # every query keeps a key (PyTorch gives NaN otherwise)
     expected, expected_w = _torch_copy(model)(x, x, x, attn_mask=~mask[:, 0], average_attn_weights=False)
     ours = model(x, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < tol
+    assert (output_of(ours) - expected).abs().max() < tol
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < tol
 
@@ -128,6 +105,6 @@ def test_key_padding_mask_is_per_batch_element_even_when_batch_equals_length(nee
     padding = torch.tensor([[True, True, False], [True, False, True], [True, True, True]])
     per_batch = _formula(model, x, allowed=padding[:, None, :].expand(3, 3, 3))
     per_query = _formula(model, x, allowed=padding[None, :, :].expand(3, 3, 3))
-    assert (_out(model(x, key_padding_mask=padding, need_weights=need_weights)) - per_batch).abs().max() < FP64_TOL
-    assert (_out(model(x, mask=padding, need_weights=need_weights)) - per_query).abs().max() < FP64_TOL
+    assert (output_of(model(x, key_padding_mask=padding, need_weights=need_weights)) - per_batch).abs().max() < FP64_TOL
+    assert (output_of(model(x, mask=padding, need_weights=need_weights)) - per_query).abs().max() < FP64_TOL
     assert (per_batch - per_query).abs().max() > 1e-3, "the two readings should differ on this input"

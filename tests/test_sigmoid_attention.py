@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.sigmoid_attention import SigmoidAttention
+from tests.oracles import random_inputs, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, H = 8, 2
@@ -17,16 +17,11 @@ D, H = 8, 2
 
 def _model(d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = SigmoidAttention(d_model, num_heads, **kwargs).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model
+    return randomize_(SigmoidAttention(d_model, num_heads, **kwargs).double().eval())
 
 
 def _inputs(b=2, tq=4, tk=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, t, D, dtype=torch.float64, generator=g) for t in (tq, tk, tk))
+    return random_inputs(b, (tq, tk, tk), D, seed=seed)
 
 
 def _loop(model, query, key, value, visible, b=None):
@@ -104,10 +99,7 @@ def test_masked_entries_contribute_exactly_zero():
 @torch.no_grad()
 def test_distinct_from_softmax_attention_with_the_same_weights():
     model = _model()
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-    ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-    ref.out_proj.load_state_dict(model.out_proj.state_dict())
+    ref = torch_mha_like(model)
     q, k, v = _inputs()
     assert (model(q, k, v) - ref(q, k, v)[0]).abs().max() > 1e-2
 

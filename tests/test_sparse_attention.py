@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.sparse_attention import SparseAttention, entmax15, sparsemax, topk_softmax
+from tests.oracles import mha_reference, output_of, random_inputs, random_mask, randomize_
 
 FP64_TOL = 1e-10
 D, H = 16, 4
@@ -18,20 +18,13 @@ D, H = 16, 4
 
 def _model(method="sparsemax", top_k=None, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
+    # larger than default weights, so that the scores spread and zeros appear
     model = SparseAttention(d_model, num_heads, method=method, top_k=top_k, **kwargs).double()
-    with torch.no_grad():  # larger than default weights, so that the scores spread and zeros appear
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p))
-    return model.eval()
+    return randomize_(model, 1.0).eval()
 
 
 def _inputs(b=2, tq=4, tk=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, t, D, generator=g, dtype=torch.float64) for t in (tq, tk, tk))
-
-
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
+    return random_inputs(b, (tq, tk, tk), D, seed=seed)
 
 
 def _rows(n=20, width=7, seed=3, scale=2.0):
@@ -150,18 +143,11 @@ def test_topk_keeps_exactly_k_keys_and_softmaxes_them():
 @pytest.mark.parametrize("top_k", [6, 9])
 def test_topk_with_k_at_least_the_number_of_keys_is_torch_multihead_attention(top_k, need_weights):
     model = _model("topk", top_k=top_k)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
     q, k, v = _inputs()
-    mask = torch.rand(2, H, 4, 6, generator=torch.Generator().manual_seed(2)) > 0.4
-    mask[..., 0] = True
-    expected, expected_w = ref(q, k, v, attn_mask=~mask.reshape(2 * H, 4, 6), average_attn_weights=False)
+    mask = random_mask((2, H, 4, 6))
+    expected, expected_w = mha_reference(model, q, k, v, mask=mask)  # nn.MultiheadAttention, copied weights
     ours = model(q, k, v, mask=mask, need_weights=need_weights)
-    assert (_out(ours) - expected).abs().max() < FP64_TOL
+    assert (output_of(ours) - expected).abs().max() < FP64_TOL
     if need_weights:
         assert (ours[1] - expected_w).abs().max() < FP64_TOL
 

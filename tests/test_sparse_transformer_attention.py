@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.sparse_transformer_attention import SparseTransformerAttention, sparse_transformer_masks
+from tests.oracles import load_matching_, mha_reference, random_inputs, randomize_
 
 TOL = 1e-10
 D, H = 8, 2
@@ -20,14 +20,11 @@ D, H = 8, 2
 def _model(pattern="strided", stride=3, num_summary=1, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = SparseTransformerAttention(d_model, num_heads, pattern, stride, num_summary, **kwargs).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def _x(b=2, t=10, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, D, seed=seed)
 
 
 def _paper_masks(t, pattern, l, c):
@@ -106,13 +103,9 @@ def test_two_factorised_steps_connect_every_earlier_position(pattern, t, l, c):
 def test_a_stride_covering_the_sequence_is_full_causal_attention(pattern):
     t = 6
     model = _model(pattern, stride=t)
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.load_state_dict(model.out_proj.state_dict())
         x = _x(t=t)
-        expected = ref(x, x, x, attn_mask=torch.ones(t, t, dtype=torch.bool).triu(1))[0]
+        expected = mha_reference(model, x, is_causal=True)[0]  # nn.MultiheadAttention, copied weights
         assert (model(x) - expected).abs().max() < TOL
         assert (model(x, is_causal=True) - expected).abs().max() < TOL  # already causal: the flag changes nothing
         # distinct: a shorter stride is not full causal attention with the same weights
@@ -139,10 +132,8 @@ def test_every_constructor_argument_changes_the_output():
     out = base(x)
     state = base.state_dict()
 
-    def same_weights(**kwargs):
-        model = _model(**kwargs)
-        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
-        return model(x)
+    def same_weights(**kwargs):  # a model built with other arguments, holding the base's tensors
+        return load_matching_(_model(**kwargs), state)(x)
 
     assert (same_weights(pattern="strided", stride=3) - out).abs().max() > 1e-3, "pattern"
     assert (same_weights(pattern="fixed", stride=4) - out).abs().max() > 1e-3, "stride"

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mechanisms.transformer_xl import TransformerXLAttention, relative_shift, sinusoid_positions
+from tests.oracles import random_inputs, randomize_, torch_mha_like
 
 FP64_TOL = 1e-10
 D, H = 16, 4
@@ -19,15 +19,12 @@ D, H = 16, 4
 
 def _model(mem_len=8, d_model=D, num_heads=H, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = TransformerXLAttention(d_model, num_heads, mem_len, **kwargs).double()
-    with torch.no_grad():  # every parameter random, u and v included, so each of the four terms is present
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    # every parameter random, u and v included, so each of the four terms is present
+    return randomize_(TransformerXLAttention(d_model, num_heads, mem_len, **kwargs).double()).eval()
 
 
 def _x(b=2, t=4, seed=1):
-    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return random_inputs(b, t, D, seed=seed)
 
 
 def test_relative_shift_matches_an_explicit_gather():
@@ -97,12 +94,7 @@ def test_no_memory_and_zero_relative_terms_is_causal_torch_multihead_attention(n
         model.pos_proj.weight.zero_()
         model.content_bias.zero_()
         model.position_bias.zero_()
-    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([model.q_proj.weight, model.k_proj.weight, model.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([model.q_proj.bias, model.k_proj.bias, model.v_proj.bias]))
-        ref.out_proj.weight.copy_(model.out_proj.weight)
-        ref.out_proj.bias.copy_(model.out_proj.bias)
+    ref = torch_mha_like(model)
     x = _x(t=6)
     expected, expected_w = ref(x, x, x, attn_mask=torch.ones(6, 6, dtype=torch.bool).triu(1),
                                average_attn_weights=False)
