@@ -50,6 +50,7 @@ CHECKS = (
     "bf16",             # bfloat16 output within `bf16_tol` of float32 for the same weights
     "weights",          # need_weights: shape (B, H, Tq, Tk), rows of visible keys sum to 1, masked entries 0
     "fused_explicit",   # the fused path (need_weights=False) equals the explicit one (need_weights=True)
+    "mask_forms",       # a (Tq, Tk) mask acts exactly like the same mask written out as (B, 1, Tq, Tk)
 )
 
 

@@ -442,6 +442,34 @@ def test_returned_weights_are_taken_before_dropout(entry):
         assert (sums - 1).abs().max() <= 1e-5, f"{entry.name}: weight rows do not sum to 1"
 
 
+@entry_params("mask_forms")
+def test_a_two_dim_mask_acts_like_the_same_mask_in_four_dims(entry):
+    """A (Tq, Tk) mask is shared by every batch element and head: written out as (B, 1, Tq, Tk) it must act
+    exactly alike, on both paths; masked pairs get zero weight, and the mask changes the output."""
+    skip_unless("mask" in entry.masks, f"{entry.name} takes no general mask")
+    module = build(entry, dtype=F64)
+    query, key, value = make_inputs(entry, dtype=F64)
+    batch, tq = query.shape[:2]
+    tk = tk_of(entry, query, key)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(tq, tk, generator=g) > 0.4
+    mask[:, 0] = True  # every query keeps a key ...
+    if entry.empty_row is not None:
+        mask[1] = False  # ... except query 1, which sees nothing (the documented empty-row value)
+    for is_causal in ([False, True] if causal_option(entry) else [False]):
+        for need_weights in _paths(entry):
+            two = call(entry, module, query, key, value, mask=mask, is_causal=is_causal, need_weights=need_weights)
+            four = call(entry, module, query, key, value, mask=mask.expand(batch, 1, tq, tk), is_causal=is_causal,
+                        need_weights=need_weights)
+            assert (output(two) - output(four)).abs().max() <= TOL64, f"{entry.name}: 2-D and 4-D masks differ"
+            if need_weights:
+                assert (two[1] - four[1]).abs().max() <= TOL64
+                hidden = two[1].masked_select(~mask.expand_as(two[1]))
+                assert hidden.abs().max() == 0, f"{entry.name}: a masked pair has weight"
+        unmasked = output(call(entry, module, query, key, value, is_causal=is_causal))
+        assert (output(two) - unmasked).abs().max() > 1e-6, f"{entry.name}: the mask changed nothing"
+
+
 @entry_params("fused_explicit")
 def test_fused_and_explicit_paths_agree(entry):
     skip_unless(entry.need_weights, f"{entry.name} has one path only (no need_weights)")
