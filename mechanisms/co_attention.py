@@ -28,7 +28,7 @@ their parameters, W_b -> W_b^T) swaps the two outputs (tests/test_co_attention.p
 
 Docs page: docs/mechanisms/co_attention.md
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -25,7 +25,6 @@ test_every_form_equals_the_double_loop_for_every_chunk_size).
 
 Docs page: docs/mechanisms/linear_attention.md
 """
-import math
 from typing import Optional, Tuple, Union
 
 import torch
