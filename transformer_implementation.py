@@ -12,12 +12,13 @@ Reading order (each part uses only what came before it):
 3. ``MultiHeadAttention``            projections, heads, masks, cache, rotary hook
 4. Positions: ``SinusoidalPositionalEncoding`` (the paper's, default), ``LearnedPositionalEmbedding``,
    ``RotaryEmbedding``
-5. ``FeedForward`` (ReLU, GELU exact or tanh, SwiGLU), ``RMSNorm``, ``make_norm``; pre-norm or post-norm residuals
+5. ``FeedForward`` (ReLU, GELU exact or tanh, SwiGLU), ``MoEFeedForward`` (a mixture of experts in its place),
+   ``RMSNorm``, ``make_norm``; pre-norm or post-norm residuals
 6. Blocks: ``EncoderBlock``, ``DecoderBlock`` (masked self-attention + cross-attention), ``DecoderOnlyBlock``
 7. Models: ``Transformer`` (decoder-only language model with ``generate``; ``Transformer.from_gpt2`` loads
    a Hugging Face GPT-2 checkpoint into it), ``EncoderDecoderTransformer`` (the paper's translation model
    with ``greedy_decode``), ``EncoderTransformer`` (BERT-style, MLM head); all three share saving,
-   loading and parameter counting
+   loading, parameter counting, the mixture-of-experts loss and gradient checkpointing
 8. A demo under ``if __name__ == "__main__"``: train a small model to reverse digit strings, then generate.
 
 Conventions (the project's DESIGN.md): tensors are batch-first ``(B, T, E)``; inside attention they are
@@ -39,6 +40,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 Tensor = torch.Tensor
 
@@ -549,8 +551,85 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(h))  # (B, T, E)
 
 
+class MoEFeedForward(nn.Module):
+    """A mixture of experts in place of the feed-forward layer, eqs. (10)-(12).
+
+    Switch Transformer (Fedus, Zoph & Shazeer 2021, arXiv:2101.03961), with top-k routing (Shazeer et al.
+    2017, arXiv:1701.06538). ``num_experts`` feed-forward layers of width ``ff_dim`` (each a
+    ``FeedForward``, so every activation works) and a router, a bias-free Linear E -> num_experts. Each
+    token goes to the ``top_k`` experts of highest router probability; its output is their outputs
+    weighted by those probabilities renormalised to sum to one (eqs. (10)-(11)). Parameters grow with
+    ``num_experts``, the work per token only with ``top_k``: at ``top_k * ff_dim`` equal to a dense layer's
+    width, the two do the same work per token.
+
+    After each call ``aux_loss`` holds the load-balancing loss of eq. (12) for that call's tokens (a scalar
+    on the autograd graph); the models add it to their loss. Without it the router tends to collapse onto
+    the few experts that happened to learn first, and the others never train.
+
+    Capacity is unbounded: a token is processed by all its top_k experts however many other tokens chose
+    them. Switch Transformer caps the tokens per expert (the capacity factor) and drops the overflow, so
+    that tensor shapes stay fixed when experts live on different devices; that cap would make a token's
+    output depend on the rest of its batch. On one device there is no need for it, and without it the
+    layer is a function of each token alone, equal to the per-token sum of eq. (11)
+    (tests/test_transformer_moe.py).
+    """
+
+    def __init__(self, d_model: int, ff_dim: int, num_experts: int = 4, top_k: int = 2, dropout: float = 0.0,
+                 activation: str = "relu", bias: bool = True):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must not exceed num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(d_model, ff_dim, dropout, activation, bias) for _ in range(num_experts))
+        self.aux_loss: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        E = x.shape[-1]
+        tokens = x.reshape(-1, E)  # (N, E): routing is per token, N = B * T
+        # The router's softmax in at least float32: in bf16 two close probabilities could swap places.
+        logits = self.router(tokens)  # (N, X)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N, X)  eq. (10)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k): the chosen experts, best first
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)  # (N, k)  eq. (10), renormalised over the chosen k
+
+        # Each expert runs once, on just the tokens that chose it (a gather), and adds its weighted output
+        # back at their rows (a scatter-add). Work per token: top_k experts, not num_experts.
+        out = torch.zeros_like(tokens)  # (N, E)
+        for e, expert in enumerate(self.experts):
+            token, slot = (top_i == e).nonzero(as_tuple=True)  # (n_e,), (n_e,): who chose e, in which place
+            y = expert(tokens[token]) * gates[token, slot, None]  # (n_e, E)  eq. (11)
+            out = out.index_add(0, token, y.to(out.dtype))  # (N, E)  eq. (11)
+
+        # eq. (12): f = share of the N * k (token, expert) assignments each expert received, P = mean router
+        # probability per expert. f is a count (no gradient); P carries the gradient to the router.
+        f = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).to(probs.dtype) / top_i.numel()  # (X,)
+        P = probs.mean(dim=0)  # (X,)
+        self.aux_loss = self.num_experts * (f * P).sum()  # eq. (12)
+        return out.view(x.shape)  # (B, T, E)
+
+    def __getstate__(self):
+        # aux_loss belongs to one forward pass and its autograd graph, which cannot be copied: a copy of the
+        # layer (copy.deepcopy, e.g. for an averaged model) or a pickle of it starts without one.
+        return {**self.__dict__, "aux_loss": None}
+
+
+def make_feed_forward(ff: str, d_model: int, ff_dim: int, dropout: float = 0.0, activation: str = "relu",
+                      bias: bool = True, num_experts: int = 4, top_k: int = 2) -> nn.Module:
+    """``"dense"``: one ``FeedForward`` (eqs. (8)-(9)); ``"moe"``: a ``MoEFeedForward`` (eqs. (10)-(12))."""
+    if ff == "dense":
+        return FeedForward(d_model, ff_dim, dropout=dropout, activation=activation, bias=bias)
+    if ff == "moe":
+        return MoEFeedForward(d_model, ff_dim, num_experts, top_k, dropout=dropout, activation=activation, bias=bias)
+    raise ValueError(f"ff must be 'dense' or 'moe', got {ff!r}")
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation, eq. (10): LayerNorm without the mean subtraction and the bias.
+    """Root-mean-square normalisation, eq. (13): LayerNorm without the mean subtraction and the bias.
 
     Re-centring turned out to matter little; dropping it saves a reduction and keeps the same training
     stability (Zhang & Sennrich 2019, arXiv:1910.07467).
@@ -564,12 +643,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # In (at least) float32 even under bf16: a mean of squares of many low-precision numbers loses digits.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # eq. (10)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # eq. (13)
         return (normed * self.weight).to(x.dtype)
 
 
 def make_norm(norm: str, d_model: int, bias: bool = True) -> nn.Module:
-    """``"layernorm"`` (eq. (11), eps 1e-5 as in nn.Transformer) or ``"rmsnorm"`` (eq. (10))."""
+    """``"layernorm"`` (eq. (14), eps 1e-5 as in nn.Transformer) or ``"rmsnorm"`` (eq. (13))."""
     if norm == "layernorm":
         return nn.LayerNorm(d_model, eps=1e-5, bias=bias)
     if norm == "rmsnorm":
@@ -577,7 +656,7 @@ def make_norm(norm: str, d_model: int, bias: bool = True) -> nn.Module:
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
 
 
-# Where the norm goes, eq. (12). The paper normalises *after* adding the residual (post-norm):
+# Where the norm goes, eq. (15). The paper normalises *after* adding the residual (post-norm):
 #     x = Norm(x + Sublayer(x)).
 # Pre-norm normalises only the sublayer's input:
 #     x = x + Sublayer(Norm(x)),
@@ -593,12 +672,14 @@ def make_norm(norm: str, d_model: int, bias: bool = True) -> nn.Module:
 
 
 class EncoderBlock(nn.Module):
-    """Self-attention then feed-forward, each wrapped in a residual with a norm (eq. (12)).
+    """Self-attention then feed-forward, each wrapped in a residual with a norm (eq. (15)).
 
     With ``norm_first=False, activation="relu", norm="layernorm"`` it computes exactly what
     ``nn.TransformerEncoderLayer(batch_first=True)`` computes (same sublayer order and dropouts).
     ``forward(x (B, T, E), mask=None, is_causal=False, need_weights=False, cache=None, rotary=None,
     positions=None)`` -> (B, T, E), or (x, weights (B, H, T, T)) with ``need_weights``.
+    ``ff="moe"`` puts a ``MoEFeedForward`` of ``num_experts`` experts, ``top_k`` per token, in place of
+    the feed-forward layer (``make_feed_forward``).
     """
 
     def __init__(
@@ -612,11 +693,14 @@ class EncoderBlock(nn.Module):
         norm_first: bool = True,
         activation: str = "gelu",
         bias: bool = True,
+        ff: str = "dense",
+        num_experts: int = 4,
+        top_k: int = 2,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias)
-        self.ff = FeedForward(d_model, ff_dim, dropout=dropout, activation=activation, bias=bias)
+        self.ff = make_feed_forward(ff, d_model, ff_dim, dropout, activation, bias, num_experts, top_k)
         self.norm1 = make_norm(norm, d_model, bias)
         self.norm2 = make_norm(norm, d_model, bias)
         self.dropout1 = nn.Dropout(dropout)
@@ -637,13 +721,13 @@ class EncoderBlock(nn.Module):
                                   cache=cache, rotary=rotary, positions=positions)
 
         weights = None
-        if self.norm_first:  # eq. (12), pre-norm
+        if self.norm_first:  # eq. (15), pre-norm
             a = attend(self.norm1(x))
             if need_weights:
                 a, weights = a
             x = x + self.dropout1(a)  # (B, T, E)
             x = x + self.dropout2(self.ff(self.norm2(x)))  # (B, T, E)
-        else:  # eq. (12), post-norm
+        else:  # eq. (15), post-norm
             a = attend(x)
             if need_weights:
                 a, weights = a
@@ -675,6 +759,7 @@ class DecoderBlock(nn.Module):
     need_weights=False, cache=None, rotary=None, positions=None)`` -> (B, T, E), or
     (x, self_weights (B, H, T, T), cross_weights (B, H, T, S)). ``cache`` serves the self-attention;
     rotary positions apply to self-attention only (source and target positions are not comparable).
+    ``ff``, ``num_experts``, ``top_k``: the feed-forward layer, as for ``EncoderBlock``.
     """
 
     def __init__(
@@ -688,12 +773,15 @@ class DecoderBlock(nn.Module):
         norm_first: bool = True,
         activation: str = "gelu",
         bias: bool = True,
+        ff: str = "dense",
+        num_experts: int = 4,
+        top_k: int = 2,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias)
         self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, bias=bias)
-        self.ff = FeedForward(d_model, ff_dim, dropout=dropout, activation=activation, bias=bias)
+        self.ff = make_feed_forward(ff, d_model, ff_dim, dropout, activation, bias, num_experts, top_k)
         self.norm1 = make_norm(norm, d_model, bias)
         self.norm2 = make_norm(norm, d_model, bias)
         self.norm3 = make_norm(norm, d_model, bias)
@@ -721,7 +809,7 @@ class DecoderBlock(nn.Module):
             return self.cross_attn(h, memory, memory, mask=memory_mask, need_weights=need_weights)
 
         sw = cw = None
-        if self.norm_first:  # eq. (12), pre-norm
+        if self.norm_first:  # eq. (15), pre-norm
             a = self_attend(self.norm1(x))
             if need_weights:
                 a, sw = a
@@ -731,7 +819,7 @@ class DecoderBlock(nn.Module):
                 c, cw = c
             x = x + self.dropout2(c)  # (B, T, E)
             x = x + self.dropout3(self.ff(self.norm3(x)))  # (B, T, E)
-        else:  # eq. (12), post-norm
+        else:  # eq. (15), post-norm
             a = self_attend(x)
             if need_weights:
                 a, sw = a
@@ -748,15 +836,15 @@ class DecoderBlock(nn.Module):
 # 7. Models
 # ---------------------------------------------------------------------------------------------------------
 #
-# Shared plumbing first: checking token ids, embedding them (eq. (13)), and saving / loading with the
+# Shared plumbing first: checking token ids, embedding them (eq. (16)), and saving / loading with the
 # config beside the weights.
 
 
 def _check_ids(ids, name: str, vocab_size: int, max_len: Optional[int] = None, offset: int = 0) -> None:
     """Cheap checks on a (B, T) batch of token ids.
 
-    The range check runs only for CPU tensors: reading a CUDA tensor's min/max into Python would force the
-    host to wait for the GPU at every step. On CUDA an out-of-range id is caught by the embedding's own
+    The range check runs only for CPU tensors, and not under torch.compile or torch.export: reading a CUDA
+    tensor's min/max into Python would force the host to wait for the GPU at every step. On CUDA an out-of-range id is caught by the embedding's own
     device-side assert instead (a less friendly message, but no stall).
     """
     if not isinstance(ids, torch.Tensor):
@@ -773,7 +861,8 @@ def _check_ids(ids, name: str, vocab_size: int, max_len: Optional[int] = None, o
             + (f" after {offset} cached positions" if offset else "")
             + f", longer than max_seq_length={max_len}"
         )
-    if ids.device.type == "cpu":
+    # Not while torch.compile or torch.export traces the model: a value read into Python cannot be traced.
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(ids)  # one pass over the ids
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= vocab_size:
@@ -810,9 +899,26 @@ def _init_arguments(init_locals: dict) -> dict:
 
 
 class _SavableModel(nn.Module):
-    """Config, parameter count, embedding and checkpoint code shared by the three models."""
+    """Config, parameter count, embedding, checkpoint code and two training switches shared by the three models.
+
+    The switches are attributes, not constructor arguments: they change how the model trains, not what it
+    computes, so they are not part of the config and a checkpoint does not carry them.
+
+    * ``gradient_checkpointing`` (default False): when True, each block runs under
+      ``torch.utils.checkpoint`` while training. Backpropagation needs every intermediate tensor of the
+      forward pass; normally all of them are kept, for every block at once. With checkpointing a block
+      keeps only its input and runs its forward pass a second time during the backward pass to rebuild
+      the rest: peak memory falls from all blocks' activations to one block's (plus each block's input),
+      for the price of one more forward pass (about a third more compute). The random state is saved and
+      restored around the recomputation, so dropout draws the same masks and the gradients are those of
+      the plain run (tests/test_gradient_checkpointing.py).
+    * ``moe_loss_weight`` (default 0.01, Switch Transformer's alpha): the weight of the load-balancing
+      loss that models with ``ff="moe"`` add to the training loss, eq. (12).
+    """
 
     _config: dict
+    gradient_checkpointing: bool = False
+    moe_loss_weight: float = 0.01
 
     @property
     def config(self) -> dict:
@@ -823,9 +929,34 @@ class _SavableModel(nn.Module):
         """Parameter count; a tied embedding / output matrix is counted once (``parameters()`` dedups)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def _run_layer(self, layer: nn.Module, *args, **kwargs):
+        """``layer(*args, **kwargs)``, under gradient checkpointing when it is on and this call trains.
+
+        Not when weights or a cache are asked for: those are inference, with nothing to backpropagate.
+        ``use_reentrant=False`` is the implementation PyTorch recommends: it handles keyword arguments
+        and inputs that do not require gradients, and it checks that the recomputation matches.
+        """
+        if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and not kwargs.get("need_weights") and kwargs.get("cache") is None):
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
+
+    def moe_aux_loss(self) -> Optional[Tensor]:
+        """The load-balancing loss of eq. (12), averaged over the MoE layers, for the last forward pass.
+
+        None for a model without ``ff="moe"``. Averaged rather than summed, so that its minimum, 1, does not
+        grow with the number of layers and one ``moe_loss_weight`` suits every depth.
+        """
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoEFeedForward) and m.aux_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def _with_moe_loss(self, loss: Tensor) -> Tensor:
+        aux = self.moe_aux_loss()
+        return loss if aux is None else loss + self.moe_loss_weight * aux.to(loss.dtype)  # eq. (12)
+
     def _embed(self, ids: Tensor, table: nn.Embedding, offset: int = 0) -> Tensor:
-        # eq. (13): scale the embedding by sqrt(E). Embeddings start with std E^-1/2 (so that the tied
-        # output layer starts with logits of unit scale, eq. (14)); times sqrt(E) they have unit scale,
+        # eq. (16): scale the embedding by sqrt(E). Embeddings start with std E^-1/2 (so that the tied
+        # output layer starts with logits of unit scale, eq. (17)); times sqrt(E) they have unit scale,
         # the same as the positional codes they are added to. GPT-2 and BERT do not scale
         # (scale_embeddings=False, _emb_scale = 1).
         x = table(ids) * self._emb_scale  # (B, T, E)
@@ -899,16 +1030,20 @@ class Transformer(_SavableModel):
     seed project's published constructor and still works unchanged. Options, by keyword:
     ``position`` ("sinusoidal" default, "learned", "rotary"), ``norm`` ("layernorm", "rmsnorm"),
     ``norm_first`` (True: pre-norm), ``activation`` ("gelu", "gelu_tanh", "relu", "swiglu"),
-    ``tie_weights`` (True: the output layer reuses the embedding matrix, eq. (14)), ``bias``,
-    ``scale_embeddings`` (True: multiply the token embeddings by sqrt(E), eq. (13)).
+    ``tie_weights`` (True: the output layer reuses the embedding matrix, eq. (17)), ``bias``,
+    ``scale_embeddings`` (True: multiply the token embeddings by sqrt(E), eq. (16)), ``ff`` ("dense", or
+    "moe": a mixture of ``num_experts`` experts of width ``ff_dim``, ``top_k`` of them per token, eqs.
+    (10)-(12)). Training switches (attributes, see ``_SavableModel``): ``gradient_checkpointing``,
+    ``moe_loss_weight``.
 
     GPT-2 is ``position="learned", norm="layernorm", norm_first=True, activation="gelu_tanh",
     tie_weights=True, bias=True, scale_embeddings=False`` with ``ff_dim = 4 * embed_dim``;
     ``Transformer.from_gpt2(folder)`` builds it that way and loads a Hugging Face GPT-2 checkpoint.
 
     ``forward(input_ids (B, T), targets=None, return_attention=False, *, cache=None)``:
-    logits (B, T, V); with targets (B, T): (logits, loss), loss the mean cross-entropy (eq. (15)) over
-    targets != -100; with ``return_attention=True`` a list of per-layer weights (B, H, T, T) is appended
+    logits (B, T, V); with targets (B, T): (logits, loss), loss the mean cross-entropy (eq. (18)) over
+    targets != -100, plus ``moe_loss_weight`` times the balancing loss with ``ff="moe"`` (eq. (12);
+    ``moe_aux_loss()`` returns that term alone); with ``return_attention=True`` a list of per-layer weights (B, H, T, T) is appended
     as the last element of a tuple. ``cache`` (from ``new_cache()``) runs incrementally: positions continue
     after the cached ones.
 
@@ -933,6 +1068,9 @@ class Transformer(_SavableModel):
         tie_weights: bool = True,
         bias: bool = True,
         scale_embeddings: bool = True,
+        ff: str = "dense",
+        num_experts: int = 4,
+        top_k: int = 2,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
@@ -941,20 +1079,20 @@ class Transformer(_SavableModel):
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
-        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (16)
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             DecoderOnlyBlock(embed_dim, num_heads, ff_dim, dropout, norm=norm, norm_first=norm_first,
-                             activation=activation, bias=bias)
+                             activation=activation, bias=bias, ff=ff, num_experts=num_experts, top_k=top_k)
             for _ in range(num_layers)
         )
         self.norm = make_norm(norm, embed_dim, bias)
         self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
         _init_embedding(self.token_embedding, embed_dim)
         if tie_weights:
-            # eq. (14): reading a token in and writing it out use the same vector. Fewer parameters, and
+            # eq. (17): reading a token in and writing it out use the same vector. Fewer parameters, and
             # every output row gets a gradient whenever its token appears in the input too.
             self.lm_head.weight = self.token_embedding.weight
 
@@ -1009,19 +1147,20 @@ class Transformer(_SavableModel):
         x = self._embed(input_ids, self.token_embedding, offset)  # (B, T, E)
         attention = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, is_causal=True, need_weights=return_attention,
+            x = self._run_layer(layer, x, is_causal=True, need_weights=return_attention,
                       cache=None if cache is None else cache[i], rotary=self.rotary, positions=offset)
             if return_attention:
                 x, w = x
                 attention.append(w)  # (B, H, T, T_keys)
         x = self.norm(x)  # (B, T, E)
-        logits = self.lm_head(x)  # (B, T, V)  eq. (14)
+        logits = self.lm_head(x)  # (B, T, V)  eq. (17)
         out = (logits,)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
                 got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                 raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-            loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (15)
+            loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (18)
+            loss = self._with_moe_loss(loss)  # + alpha * balancing loss with ff="moe", eq. (12)
             out = out + (loss,)
         if return_attention:
             out = out + (attention,)
@@ -1094,18 +1233,18 @@ def sample_next_token(
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Pick one token per row from logits (B, V) -> (B, 1), eqs. (16)-(17).
+    """Pick one token per row from logits (B, V) -> (B, 1), eqs. (19)-(20).
 
-    Temperature divides the logits (eq. (16)): below 1 it sharpens the distribution, 0 means argmax.
+    Temperature divides the logits (eq. (19)): below 1 it sharpens the distribution, 0 means argmax.
     ``top_k`` keeps the k most likely tokens; ``top_p`` keeps the smallest set of most likely tokens whose
-    probability reaches p (the nucleus, eq. (17)), which adapts the number of candidates to how sure the
+    probability reaches p (the nucleus, eq. (20)), which adapts the number of candidates to how sure the
     model is. Both cut off the long tail of unlikely tokens that make samples derail. ``generator``
     (optional) is passed to ``torch.multinomial``.
     """
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature  # (B, V)  eq. (16)
+    logits = logits.float() / temperature  # (B, V)  eq. (19)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1113,10 +1252,10 @@ def sample_next_token(
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)  # (B, V)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)  eq. (17)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)  eq. (20)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # (B, V)
-    probs = logits.softmax(dim=-1)  # (B, V)  eq. (16)
+    probs = logits.softmax(dim=-1)  # (B, V)  eq. (19)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
@@ -1311,6 +1450,9 @@ class EncoderDecoderTransformer(_SavableModel):
         tie_weights: bool = True,
         bias: bool = True,
         scale_embeddings: bool = True,
+        ff: str = "dense",
+        num_experts: int = 4,
+        top_k: int = 2,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
@@ -1322,12 +1464,13 @@ class EncoderDecoderTransformer(_SavableModel):
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
         self.pad_id = pad_id
-        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (16)
         self.src_embedding = nn.Embedding(src_vocab_size, embed_dim)
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
         self.drop = nn.Dropout(dropout)
-        options = dict(norm=norm, norm_first=norm_first, activation=activation, bias=bias)
+        options = dict(norm=norm, norm_first=norm_first, activation=activation, bias=bias, ff=ff,
+                       num_experts=num_experts, top_k=top_k)
         self.encoder_layers = nn.ModuleList(
             EncoderBlock(embed_dim, num_heads, ff_dim, dropout, **options) for _ in range(num_encoder_layers)
         )
@@ -1340,7 +1483,7 @@ class EncoderDecoderTransformer(_SavableModel):
         _init_embedding(self.src_embedding, embed_dim)
         _init_embedding(self.tgt_embedding, embed_dim)
         if tie_weights:
-            self.lm_head.weight = self.tgt_embedding.weight  # eq. (14)
+            self.lm_head.weight = self.tgt_embedding.weight  # eq. (17)
 
     def new_cache(self) -> List[KVCache]:
         """One empty ``KVCache`` per decoder layer (self-attention only), for ``decode(..., cache=...)``."""
@@ -1353,7 +1496,7 @@ class EncoderDecoderTransformer(_SavableModel):
         x = self._embed(src_ids, self.src_embedding)  # (B, S, E)
         attention = []
         for layer in self.encoder_layers:
-            x = layer(x, mask=src_mask, need_weights=return_attention, rotary=self.rotary)
+            x = self._run_layer(layer, x, mask=src_mask, need_weights=return_attention, rotary=self.rotary)
             if return_attention:
                 x, w = x
                 attention.append(w)  # (B, H, S, S)
@@ -1391,14 +1534,14 @@ class EncoderDecoderTransformer(_SavableModel):
         x = self._embed(tgt_ids, self.tgt_embedding, offset)  # (B, T, E)
         self_weights, cross_weights = [], []
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, self_mask=self_mask, memory_mask=src_mask, is_causal=True,
+            x = self._run_layer(layer, x, memory, self_mask=self_mask, memory_mask=src_mask, is_causal=True,
                       need_weights=return_attention, cache=None if cache is None else cache[i],
                       rotary=self.rotary, positions=offset)
             if return_attention:
                 x, sw, cw = x
                 self_weights.append(sw)  # (B, H, T, T)
                 cross_weights.append(cw)  # (B, H, T, S)
-        logits = self.lm_head(self.decoder_norm(x))  # (B, T, V)  eq. (14)
+        logits = self.lm_head(self.decoder_norm(x))  # (B, T, V)  eq. (17)
         if return_attention:
             return logits, {"decoder_self": self_weights, "cross": cross_weights}
         return logits
@@ -1419,7 +1562,8 @@ class EncoderDecoderTransformer(_SavableModel):
             if not isinstance(targets, torch.Tensor) or targets.shape != tgt_ids.shape:
                 got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                 raise ValueError(f"targets must have the shape of tgt_ids {tuple(tgt_ids.shape)}, got {got}")
-            loss = F.cross_entropy(logits.reshape(-1, self.tgt_vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (15)
+            loss = F.cross_entropy(logits.reshape(-1, self.tgt_vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (18)
+            loss = self._with_moe_loss(loss)  # + alpha * balancing loss with ff="moe", eq. (12)
             out = out + (loss,)
         if return_attention:
             out = out + ({"encoder": encoded[2], **decoded[1]},)
@@ -1472,7 +1616,8 @@ class EncoderTransformer(_SavableModel):
     the masked-language-model head ``lm_head`` (dense, GELU, norm, then the tied output layer) turns them
     into logits (B, T, V): call ``model.lm_head(hidden)`` or pass ``return_logits=True``. With ``targets``
     (B, T) (-100 everywhere except the masked positions) it returns (logits, loss). With
-    ``return_attention`` a list of per-layer (B, H, T, T) weights is appended.
+    ``return_attention`` a list of per-layer (B, H, T, T) weights is appended. Every option of
+    ``Transformer``, ``ff="moe"`` included, is available by keyword.
     """
 
     def __init__(
@@ -1493,6 +1638,9 @@ class EncoderTransformer(_SavableModel):
         tie_weights: bool = True,
         bias: bool = True,
         scale_embeddings: bool = True,
+        ff: str = "dense",
+        num_experts: int = 4,
+        top_k: int = 2,
     ):
         super().__init__()
         _check_dims(embed_dim, num_heads, dropout, vocab_size=vocab_size, num_layers=num_layers,
@@ -1502,13 +1650,13 @@ class EncoderTransformer(_SavableModel):
         self.embed_dim = embed_dim
         self.max_seq_length = max_seq_length
         self.pad_id = pad_id
-        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (13)
+        self._emb_scale = math.sqrt(embed_dim) if scale_embeddings else 1.0  # eq. (16)
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.pos, self.rotary = _position_modules(position, embed_dim, num_heads, max_seq_length)
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             EncoderBlock(embed_dim, num_heads, ff_dim, dropout, norm=norm, norm_first=norm_first,
-                         activation=activation, bias=bias)
+                         activation=activation, bias=bias, ff=ff, num_experts=num_experts, top_k=top_k)
             for _ in range(num_layers)
         )
         self.norm = make_norm(norm, embed_dim, bias)
@@ -1522,7 +1670,7 @@ class EncoderTransformer(_SavableModel):
         )
         _init_embedding(self.token_embedding, embed_dim)
         if tie_weights:
-            self.lm_head[-1].weight = self.token_embedding.weight  # eq. (14)
+            self.lm_head[-1].weight = self.token_embedding.weight  # eq. (17)
 
     def forward(self, input_ids: Tensor, return_attention: bool = False, *, return_logits: bool = False,
                 targets: Optional[Tensor] = None):
@@ -1531,7 +1679,7 @@ class EncoderTransformer(_SavableModel):
         x = self._embed(input_ids, self.token_embedding)  # (B, T, E)
         attention = []
         for layer in self.layers:
-            x = layer(x, mask=mask, need_weights=return_attention, rotary=self.rotary)
+            x = self._run_layer(layer, x, mask=mask, need_weights=return_attention, rotary=self.rotary)
             if return_attention:
                 x, w = x
                 attention.append(w)  # (B, H, T, T)
@@ -1544,7 +1692,8 @@ class EncoderTransformer(_SavableModel):
                 if not isinstance(targets, torch.Tensor) or targets.shape != input_ids.shape:
                     got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                     raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
-                loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (15)
+                loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100)  # eq. (18)
+                loss = self._with_moe_loss(loss)  # + alpha * balancing loss with ff="moe", eq. (12)
                 out = out + (loss,)
         if return_attention:
             out = out + (attention,)

@@ -389,8 +389,8 @@ def accumulate_gradients(model, batches, autocast=nullcontext, no_sync=None, sto
 
     The gradients add up, so the result is the gradient of the mean of the N losses: for equal-sized
     micro-batches and a mean loss, exactly the gradient of one batch N times larger (to float rounding),
-    for 1/N of its activation memory. (With ``--ff moe`` the balancing loss of eq. (12) is computed per
-    micro-batch, so that one term is not the big batch's.) Under DistributedDataParallel pass
+    for 1/N of its activation memory. (With ``--ff moe`` the balancing loss, docs/transformer.md eq. (12),
+    is computed per micro-batch, so that one term is not the big batch's.) Under DistributedDataParallel pass
     ``no_sync=model.no_sync``: the gradient all-reduce is skipped for all but the last micro-batch, one
     all-reduce per step as without accumulation. Returns the mean loss (a 0-d tensor), or None as soon as
     ``stop_requested()`` turns true (checked between every forward and backward pass).

@@ -18,7 +18,7 @@ SIGMAS = 5
 
 
 def expected_distribution(temperature, top_k=None, top_p=None):
-    """eq. (16): softmax(l / T); top_k: the k largest; eq. (17): rank r kept iff the mass above it < top_p."""
+    """eq. (19): softmax(l / T); top_k: the k largest; eq. (20): rank r kept iff the mass above it < top_p."""
     weights = [math.exp(l / temperature) for l in LOGITS]
     probs = [w / sum(weights) for w in weights]
     order = sorted(range(len(probs)), key=lambda v: -probs[v])

@@ -3,12 +3,13 @@
 The reference below never calls the model or its submodules: it reads the parameter tensors and
 recomputes everything with plain tensor algebra, equation by equation (docs/transformer.md):
 
-    x_t = s * e_{id_t} + p_t                       eq. (13), s = sqrt(E) unless scale_embeddings=False
-    pre-norm:  x = x + MHA(N(x));  x = x + FFN(N(x))           eq. (12)
+    x_t = s * e_{id_t} + p_t                       eq. (16), s = sqrt(E) unless scale_embeddings=False
+    pre-norm:  x = x + MHA(N(x));  x = x + FFN(N(x))           eq. (15)
+    ff="moe":  FFN(x) = sum over the top_k experts i of g_i FFN_i(x)   eqs. (10)-(11)
     post-norm: x = N(x + MHA(x));  x = N(x + FFN(x))
-    logits = N(h) W^T, W the embedding matrix when tied       eq. (14)
+    logits = N(h) W^T, W the embedding matrix when tied       eq. (17)
 
-with attention, positions, norms and activations spelled out from their formulas (eqs. (1)-(11)). Which
+with attention, positions, norms and activations spelled out from their formulas (eqs. (1)-(14)). Which
 option is on is taken from the test's own arguments, never from the model's config. Every constructor
 option of each model is checked against the reference, and shown to change the logits.
 """
@@ -33,12 +34,12 @@ def linear(x, layer):
 
 
 def norm(x, module, kind):
-    if kind == "layernorm":  # eq. (11)
+    if kind == "layernorm":  # eq. (14)
         mu = x.mean(-1, keepdim=True)
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
         y = (x - mu) / torch.sqrt(var + 1e-5) * module.weight
         return y if getattr(module, "bias", None) is None else y + module.bias
-    assert kind == "rmsnorm"  # eq. (10)
+    assert kind == "rmsnorm"  # eq. (13)
     return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * module.weight
 
 
@@ -56,6 +57,25 @@ def activate(h, kind):
 
 def ffn(x, ff, kind):
     return linear(activate(linear(x, ff.linear1), kind), ff.linear2)  # eq. (8)
+
+
+def moe(x, layer, opt):
+    """eqs. (10)-(11), one token at a time: softmax router, the top_k experts, gates renormalised over them."""
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            z = x[b, t] @ layer.router.weight.T  # (X,)
+            p = torch.exp(z - z.max())
+            p = p / p.sum()
+            chosen = sorted(range(len(p)), key=lambda i: -float(p[i]))[: opt["top_k"]]
+            total = sum(p[i] for i in chosen)
+            for i in chosen:
+                out[b, t] += p[i] / total * ffn(x[b, t], layer.experts[i], opt["activation"])
+    return out
+
+
+def feed_forward(x, layer, opt):
+    return moe(x, layer, opt) if opt["ff"] == "moe" else ffn(x, layer, opt["activation"])
 
 
 def f32(value):
@@ -116,7 +136,7 @@ def residual(x, sublayer, norm_module, opt):
 
 
 def embed(ids, table, pos_module, opt):
-    x = table.weight[ids] * (math.sqrt(E) if opt["scale_embeddings"] else 1.0)  # eq. (13)
+    x = table.weight[ids] * (math.sqrt(E) if opt["scale_embeddings"] else 1.0)  # eq. (16)
     T = ids.shape[1]
     if opt["position"] == "sinusoidal":
         x = x + sinusoid(T, E)
@@ -128,7 +148,7 @@ def embed(ids, table, pos_module, opt):
 def encoder_layer(x, layer, allowed, opt):
     rot = opt["position"] == "rotary"
     x = residual(x, lambda h: attention(h, h, layer.self_attn, allowed, rot), layer.norm1, opt)
-    return residual(x, lambda h: ffn(h, layer.ff, opt["activation"]), layer.norm2, opt)
+    return residual(x, lambda h: feed_forward(h, layer.ff, opt), layer.norm2, opt)
 
 
 def causal(T):
@@ -140,7 +160,7 @@ def ref_decoder_only(model, ids, opt):
     x = embed(ids, model.token_embedding, model.pos, opt)
     for layer in model.layers:
         x = encoder_layer(x, layer, causal(T).expand(B, T, T), opt)
-    head = model.token_embedding.weight if opt["tie_weights"] else model.lm_head.weight  # eq. (14)
+    head = model.token_embedding.weight if opt["tie_weights"] else model.lm_head.weight  # eq. (17)
     return norm(x, model.norm, opt["norm"]) @ head.T
 
 
@@ -158,7 +178,7 @@ def ref_encoder_decoder(model, src, tgt, opt, pad=0):
     for layer in model.decoder_layers:
         y = residual(y, lambda h: attention(h, h, layer.self_attn, self_allowed, rot), layer.norm1, opt)
         y = residual(y, lambda h: attention(h, memory, layer.cross_attn, src_keys.expand(B, T, S)), layer.norm2, opt)
-        y = residual(y, lambda h: ffn(h, layer.ff, opt["activation"]), layer.norm3, opt)
+        y = residual(y, lambda h: feed_forward(h, layer.ff, opt), layer.norm3, opt)
     head = model.tgt_embedding.weight if opt["tie_weights"] else model.lm_head.weight
     return norm(y, model.decoder_norm, opt["norm"]) @ head.T
 
@@ -213,7 +233,7 @@ def assert_close(got, expected, what):
 
 
 LM_DEFAULTS = dict(position="sinusoidal", norm="layernorm", norm_first=True, activation="gelu", tie_weights=True,
-                   bias=True, scale_embeddings=True)
+                   bias=True, scale_embeddings=True, ff="dense", num_experts=4, top_k=2)
 LM_VARIANTS = {
     "default": {},
     "learned": dict(position="learned"),
@@ -227,6 +247,8 @@ LM_VARIANTS = {
     "no_bias": dict(bias=False),
     "unscaled": dict(scale_embeddings=False),
     "gpt2": dict(position="learned", activation="gelu_tanh", scale_embeddings=False),
+    "moe": dict(ff="moe", num_experts=3, top_k=2),
+    "moe_top1_swiglu": dict(ff="moe", num_experts=4, top_k=1, activation="swiglu"),
 }
 
 
@@ -279,6 +301,7 @@ ED_VARIANTS = {
     "pre_norm_gelu_rmsnorm": dict(norm_first=True, activation="gelu", norm="rmsnorm"),
     "rotary_no_bias": dict(position="rotary", bias=False),
     "learned_swiglu": dict(position="learned", activation="swiglu"),
+    "moe": dict(ff="moe", num_experts=3, top_k=2),
 }
 
 
@@ -311,6 +334,7 @@ EN_VARIANTS = {
     "untied": dict(tie_weights=False),
     "unscaled": dict(scale_embeddings=False),
     "pre_norm_sinusoidal_relu": dict(norm_first=True, position="sinusoidal", activation="relu"),
+    "moe_top1": dict(ff="moe", num_experts=2, top_k=1),
 }
 
 

@@ -31,7 +31,7 @@ MUTATIONS = {
     "no_embedding_scale": ("the sqrt(E) embedding scale dropped", [
         ("x = table(ids) * self._emb_scale  # (B, T, E)", "x = table(ids)  # (B, T, E)")]),
     "encdec_untied": ("EncoderDecoderTransformer does not tie its output layer", [
-        ("            self.lm_head.weight = self.tgt_embedding.weight  # eq. (14)", "            pass")]),
+        ("            self.lm_head.weight = self.tgt_embedding.weight  # eq. (17)", "            pass")]),
     "lm_untied": ("Transformer does not tie its output layer", [
         ("            self.lm_head.weight = self.token_embedding.weight\n", "            pass\n")]),
     "prenorm_ffn_unnormalised": ("pre-norm block feeds the un-normalised x to the feed-forward layer", [

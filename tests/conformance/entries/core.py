@@ -63,6 +63,10 @@ NOT_ENTRIES = {
                        "test_rotary_matches_the_pairwise_rotation_formula",
     "FeedForward": "position-wise layer, not attention; tests/test_transformer_attention.py::"
                    "test_feedforward_activations_follow_their_formulas_and_differ",
+    "MoEFeedForward": "a position-wise mixture of experts, not attention; tests/test_transformer_moe.py::"
+                      "test_routed_computation_equals_the_per_token_loop_with_renormalised_gates",
+    "make_feed_forward": "a factory of feed-forward layers; tests/test_transformer_moe.py::"
+                         "test_bad_options_are_refused_naming_them and tests/test_transformer_oracle.py (moe variants)",
     "RMSNorm": "a normalisation; tests/test_transformer_attention.py::test_rmsnorm_matches_its_formula",
     "make_norm": "a factory of norms; tests/test_transformer_oracle.py (layernorm and rmsnorm variants)",
     "EncoderBlock": "a residual block around MultiHeadAttention (the entry above); "
