@@ -275,6 +275,8 @@ def plot_patch_attention_rows(rows: Sequence[dict], path, title: str | None = No
     ``rows[i]`` is a dict with ``image`` (H, W, 3) in [0, 1], ``tokens`` (n strings), ``weights`` (n, gh, gw):
     token j's attention over a gh x gw grid of patches, and an optional ``title``. Each row shows the image,
     then one panel per token with its weights upsampled over the image (brighter = more attention)."""
+    import textwrap
+
     if not rows:
         raise ValueError("rows must hold at least one example, got none")
     cols = 1 + max(len(r["tokens"]) for r in rows)
@@ -287,7 +289,7 @@ def plot_patch_attention_rows(rows: Sequence[dict], path, title: str | None = No
         if weights.shape[0] != len(row["tokens"]):
             raise ValueError(f"rows[{i}]: {weights.shape[0]} weight maps for {len(row['tokens'])} tokens")
         axes[i][0].imshow(np.clip(image, 0, 1), interpolation="nearest")
-        axes[i][0].set_title(row.get("title", ""), fontsize=7, loc="left")
+        axes[i][0].set_title("\n".join(textwrap.wrap(row.get("title", ""), 26)), fontsize=7, loc="left")
         extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
         for j, (token, w) in enumerate(zip(row["tokens"], weights)):
             ax = axes[i][j + 1]
