@@ -1,0 +1,141 @@
+"""examples/compare_mechanisms.py: the registry covers mechanisms/, every adapter is a causal mixer, the tasks
+are the ones the papers define, and the harness runs, writes its files and resumes (tiny sizes, seconds).
+
+Nothing here asserts an accuracy or a time: the full run's numbers are on docs/examples/compare_mechanisms.md.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import compare_mechanisms as cm  # noqa: E402
+
+
+def test_every_mechanism_file_is_registered_or_listed_as_a_non_mixer():
+    missing = cm.missing_files()
+    assert not missing, (f"mechanisms/ files in neither compare_mechanisms.REGISTRY nor NON_MIXERS: {missing}; "
+                         "add one line for each to examples/compare_mechanisms.py")
+    files = {p.stem for p in (ROOT / "mechanisms").glob("*.py")}
+    assert cm.registered_stems() <= files, cm.registered_stems() - files
+    assert set(cm.NON_MIXERS) <= files, set(cm.NON_MIXERS) - files
+    assert not cm.registered_stems() & set(cm.NON_MIXERS)
+    assert all(len(reason) > 20 for reason in cm.NON_MIXERS.values())
+
+
+def test_missing_files_reports_a_new_file(tmp_path):
+    for stem in list(cm.registered_stems()) + list(cm.NON_MIXERS) + ["brand_new_attention"]:
+        (tmp_path / f"{stem}.py").write_text("")
+    assert cm.missing_files(tmp_path) == ["brand_new_attention"]
+
+
+@pytest.mark.parametrize("name", list(cm.REGISTRY))
+def test_adapter_is_a_causal_token_mixer(name):
+    torch.manual_seed(0)
+    mixer = cm.Mixer(name, 8, 2, 8).eval()
+    x = torch.randn(2, 8, 8)
+    later = x.clone()
+    later[:, 5:] = torch.randn(2, 3, 8)  # change the future only
+    with torch.no_grad():
+        y, y_later = mixer(x), mixer(later)
+    assert y.shape == (2, 8, 8)
+    assert torch.allclose(y[:, :5], y_later[:, :5], atol=1e-5), "a past output depends on a future token"
+    assert not torch.allclose(y[:, 5:], y_later[:, 5:], atol=1e-5), "the mixer ignores its input"
+
+
+def test_mqar_is_zoologys_layout():
+    g = torch.Generator().manual_seed(0)
+    batch, t, pairs, vocab = 64, 32, 4, 64
+    x, y = cm.mqar_batch(batch, t, pairs, vocab, g)
+    assert x.shape == y.shape == (batch, t)
+    keys, values = x[:, 0:2 * pairs:2], x[:, 1:2 * pairs:2]
+    assert ((keys >= 1) & (keys < vocab // 2)).all() and ((values >= vocab // 2) & (values < vocab)).all()
+    assert all(len(set(row.tolist())) == pairs for row in keys)
+    assert ((y != -100).sum(1) == pairs).all(), "exactly one answer per key"
+    assert (y[:, :2 * pairs] == -100).all(), "no loss inside the key-value context"
+    for b in range(batch):
+        lookup = dict(zip(keys[b].tolist(), values[b].tolist()))
+        asked = (y[b] != -100).nonzero().flatten()
+        assert sorted(x[b, asked].tolist()) == sorted(lookup), "each key is asked exactly once"
+        for pos in asked.tolist():
+            assert (pos - 2 * pairs) % 2 == 0, "queries sit on even offsets after the context"
+            assert y[b, pos] == lookup[int(x[b, pos])], "the answer is the queried key's value"
+
+
+def test_mqar_query_gaps_follow_the_power_law():
+    # One pair: the query's gap g (0-based) has p(g) ~ (g + 1)^(a - 1), a = 0.01, so p(0) / p(1) = 2^0.99.
+    # A uniform placement (power_a = 1) would give a ratio of 1.
+    g = torch.Generator().manual_seed(1)
+    x, y = cm.mqar_batch(4000, 40, 1, 64, g)
+    gap = ((y != -100).float().argmax(1) - 2) // 2
+    ratio = (gap == 0).sum().item() / (gap == 1).sum().item()
+    assert 1.7 < ratio < 2.3, ratio
+    _, y_uniform = cm.mqar_batch(4000, 40, 1, 64, torch.Generator().manual_seed(1), power_a=1.0)
+    gap_u = ((y_uniform != -100).float().argmax(1) - 2) // 2
+    assert 0.75 < (gap_u == 0).sum().item() / (gap_u == 1).sum().item() < 1.33
+
+
+def test_selective_copy_targets_are_the_data_tokens_in_order():
+    x, y = cm.selective_copy_batch(16, 20, 4, 8, torch.Generator().manual_seed(0))
+    for b in range(16):
+        data = [v for v in x[b, :16].tolist() if v != 0]
+        assert len(data) == 4 and all(1 <= v <= 8 for v in data)
+        assert x[b, 16:].tolist() == [9] * 4
+        assert y[b, 16:].tolist() == data and (y[b, :16] == -100).all()
+
+
+def test_loss_counts_only_the_scored_positions():
+    torch.manual_seed(0)
+    model = cm.TinyLM("multi_head_attention", 16, 8, 2, 1, 6, mlp=False)
+    x = torch.randint(16, (2, 6))
+    y = torch.full((2, 6), -100)
+    y[0, 3], y[1, 5] = 4, 7
+    loss, correct, counted = model(x, y)
+    logits = model.head(model.hidden(x))
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 3], logits[1, 5]]), torch.tensor([4, 7]))
+    assert counted == 2 and torch.allclose(loss, expected)
+
+
+def test_peak_extra_bytes_counts_a_held_allocation():
+    def hold():
+        a = torch.ones(1 << 18)  # 1 MiB
+        b = torch.ones(1 << 18)
+        return a + b  # a third MiB, all three alive at once
+    peak = cm.peak_extra_bytes(hold)
+    assert 3 * (1 << 20) <= peak < 4 * (1 << 20)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_and_resumes(tmp_path, capsys):
+    argv = ["--quick", "--out", str(tmp_path), "--task", "mqar", "--mechanism", "multi_head_attention",
+            "--mechanism", "linear_attention", "--focus", "multi_head_attention", "--threads", "1"]
+    report = cm.main(argv)
+    data = json.loads((tmp_path / "compare_results.json").read_text())
+    rows = data["results"]["mqar"]
+    assert set(rows) == {"multi_head_attention", "linear_attention"}
+    for row in rows.values():
+        assert row["params"] > 0 and row["ms_per_step"] > 0 and row["peak_train_step_bytes"] > 0
+        assert 0 <= row["final_accuracy"] <= 1 and row["curve"]
+    assert rows["multi_head_attention"]["attention_map"] is not None  # it has weights
+    assert (tmp_path / "compare_mqar_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["results"]["mqar"]["linear_attention"]["steps"] == 4  # --other-steps of --quick
+    run_file = tmp_path / "runs" / "mqar" / "linear_attention" / "lr0.003_seed0.json"
+    before = run_file.stat().st_mtime_ns
+    capsys.readouterr()
+    cm.main(argv)
+    assert "2 runs (2 already done), 0 training steps to go" in capsys.readouterr().out
+    assert run_file.stat().st_mtime_ns == before, "a finished run was redone"
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cm.parse_args(["--mechanism", "linformer"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-mixer" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        cm.parse_args(["--pairs", "40", "--seq-len", "64"])
