@@ -100,18 +100,6 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.unflatten(-1, (heads, -1))  # (B, T, heads, D)
 
 
-def _check_symbols(symbols: torch.Tensor, x: torch.Tensor, tk: int, d_model: int, relative: bool) -> None:
-    """Raise unless `symbols` is (B, Tk, d_model) or, for position-relative symbols, (Tq, Tk, d_model)."""
-    want = (x.size(1), tk, d_model) if relative else (x.size(0), tk, d_model)
-    if not isinstance(symbols, torch.Tensor) or tuple(symbols.shape) != want:
-        got = tuple(symbols.shape) if isinstance(symbols, torch.Tensor) else type(symbols).__name__
-        form = ("(Tq, Tk, d_model): position-relative symbols, s_(j-i) at [i, j]" if relative else
-                "(B, Tk, d_model): one symbol per key position")
-        hint = ("" if relative else "; position-relative symbols (a (Tq, Tk, d_model) table) need "
-                "use_relative_positional_symbols=True")
-        raise ValueError(f"symbols must have shape {form} = {want}, got {got}{hint}")
-
-
 def _cache_append(cache: Optional[Dict[str, torch.Tensor]], name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
     """With a KV cache, append `new` to the cached tensor `name` along `dim` and return the whole; else `new`."""
     if cache is None:
@@ -125,16 +113,6 @@ def _cache_append(cache: Optional[Dict[str, torch.Tensor]], name: str, new: torc
 def _cached_length(cache: Optional[Dict[str, torch.Tensor]], name: str, dim: int) -> int:
     """How many key positions `cache` already holds (0 without a cache)."""
     return 0 if cache is None or name not in cache else cache[name].size(dim)
-
-
-def _check_heads(d_model: int, n_heads: int, n_kv_heads: int, total_n_heads: int) -> None:
-    """The head counts of an attention module: positive, n_kv_heads | n_heads, total_n_heads | d_model."""
-    _check_positive_int(d_model, "d_model")
-    _check_positive_int(n_heads, "n_heads")
-    _check_positive_int(n_kv_heads, "n_kv_heads")
-    _check_positive_int(total_n_heads, "total_n_heads")
-    _check_divisible(n_heads, "n_heads", n_kv_heads, "n_kv_heads")
-    _check_divisible(d_model, "d_model", total_n_heads, "total_n_heads")
 
 
 def _masks(x: torch.Tensor, heads: int, tk: int, attn_mask: Optional[torch.Tensor],
@@ -1264,6 +1242,32 @@ def _demo() -> None:
     print(f"DualAttnTransformerLM: {lm.get_num_params():,} parameters; cached and uncached generation agree: "
           f"{torch.equal(cached, uncached)}")
     assert torch.equal(cached, uncached)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks of this file alone (the shared ones follow the banner below).
+
+
+def _check_symbols(symbols: torch.Tensor, x: torch.Tensor, tk: int, d_model: int, relative: bool) -> None:
+    """Raise unless `symbols` is (B, Tk, d_model) or, for position-relative symbols, (Tq, Tk, d_model)."""
+    want = (x.size(1), tk, d_model) if relative else (x.size(0), tk, d_model)
+    if not isinstance(symbols, torch.Tensor) or tuple(symbols.shape) != want:
+        got = tuple(symbols.shape) if isinstance(symbols, torch.Tensor) else type(symbols).__name__
+        form = ("(Tq, Tk, d_model): position-relative symbols, s_(j-i) at [i, j]" if relative else
+                "(B, Tk, d_model): one symbol per key position")
+        hint = ("" if relative else "; position-relative symbols (a (Tq, Tk, d_model) table) need "
+                "use_relative_positional_symbols=True")
+        raise ValueError(f"symbols must have shape {form} = {want}, got {got}{hint}")
+
+
+def _check_heads(d_model: int, n_heads: int, n_kv_heads: int, total_n_heads: int) -> None:
+    """The head counts of an attention module: positive, n_kv_heads | n_heads, total_n_heads | d_model."""
+    _check_positive_int(d_model, "d_model")
+    _check_positive_int(n_heads, "n_heads")
+    _check_positive_int(n_kv_heads, "n_kv_heads")
+    _check_positive_int(total_n_heads, "total_n_heads")
+    _check_divisible(n_heads, "n_heads", n_kv_heads, "n_kv_heads")
+    _check_divisible(d_model, "d_model", total_n_heads, "total_n_heads")
 
 
 # =====================================================================================================
