@@ -164,20 +164,6 @@ def load_text(args) -> tuple[bytes, list]:
     return b"\n".join((folder / n).read_bytes() for n in names), [str(folder / n) for n in names]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: this torch build sees no CUDA device")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise SystemExit("error: --device mps: MPS is not available here")
-    return torch.device(name)
-
-
 def batch(data: torch.Tensor, args, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     start = torch.randint(0, data.numel() - args.context - 1, (args.batch_size,), generator=g)
     rows = torch.stack([data[s:s + args.context + 1] for s in start.tolist()]).long().to(device)  # (B, T + 1)
@@ -193,7 +179,7 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     torch.manual_seed(args.seed)
     text, files = load_text(args)
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8)

@@ -589,26 +589,6 @@ def plot_curves(curves: dict, path: Path) -> Path:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    """The device named by --device; one-line error when it is not there."""
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            sys.exit(f"error: --device {name}: CUDA is not available here ({build})")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            sys.exit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        sys.exit("error: --device mps: MPS is not available here")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def machine_info(device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -632,7 +612,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # only now: every check that can fail has passed
 

@@ -159,3 +159,30 @@ def load_average() -> list | None:
 if __name__ == "__main__":
     print(__doc__)
     print("This module is a library for the example scripts; it has nothing to run.")
+
+
+def pick_device(name: str):
+    """The torch.device named by --device (already checked by ``device_name``): ``auto`` picks CUDA, then
+    MPS, then the CPU; a named device that is not there ends the program with a one-line error, exit 1.
+
+    torch is imported here, not at the top, so that parsing the command line never waits for it."""
+    import sys
+
+    import torch
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            sys.exit(f"error: --device {name}: CUDA is not available here ({build})")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            sys.exit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        sys.exit("error: --device mps: MPS is not available here")
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

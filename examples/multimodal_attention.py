@@ -488,24 +488,6 @@ def plot_accuracy(results: dict, path: Path) -> Path:
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    """The device named by --device; a one-line error when it is not there."""
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            sys.exit(f"error: --device {name}: CUDA is not available here")
-        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-            sys.exit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        sys.exit("error: --device mps: MPS is not available here")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def machine_info(device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -526,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t_start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = MODELS if args.model == "all" else (args.model,)

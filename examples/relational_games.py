@@ -63,6 +63,9 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # so the import below works from any directory
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/cli.py, the examples' shared helpers
+
+import cli  # noqa: E402
 from mechanisms.dual_attention import VisionDualAttnTransformer  # noqa: E402
 
 TASKS = ("same", "occurs", "xoccurs", "between", "match_pattern")
@@ -700,16 +703,6 @@ def plot_examples(banks: dict, path: Path, per_task: int = 4) -> Path:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def machine_info(device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -843,7 +836,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     t_start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = cli.pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
