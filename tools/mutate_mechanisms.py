@@ -33,6 +33,17 @@ MUTATIONS = {
                         "        if self.training:\n", "        if self.training or noise is not None:\n"),
     "shaw_av_undropped": ("relative_position", "Shaw's a^V term and content term use different weights "
                           "(one dropped, one not)", ".scatter_add(-1, idx, alpha)", ".scatter_add(-1, idx, weights)"),
+    # One slip each in four files of the efficient family.
+    "flash_causal_off_by_one": ("flash_attention", "causal tile mask lets a query see the next key",
+                                "visible = (cols <= rows)[None, None]", "visible = (cols <= rows + 1)[None, None]"),
+    "mla_wrong_scale": ("multi_head_latent_attention", "scores scaled by 1/sqrt(Dh) instead of 1/sqrt(Dh + d_R)",
+                        "self.scale = 1.0 / math.sqrt(self.head_dim + rope_dim)",
+                        "self.scale = 1.0 / math.sqrt(self.head_dim)"),
+    "linear_elu_without_one": ("linear_attention", "feature map elu(x) instead of elu(x) + 1",
+                               "return F.elu(x) + 1.0", "return F.elu(x)"),
+    "sigmoid_bias_sign": ("sigmoid_attention", "bias +log n instead of -log n",
+                          "b = -math.log(tk) if self.attn_bias is None else self.attn_bias",
+                          "b = math.log(tk) if self.attn_bias is None else self.attn_bias"),
     # Slips the conformance suite itself must catch, in a plain multi-head attention file.
     "mha_dropout_in_eval": ("multi_head_attention", "dropout active in eval",
                             "dropout_p = self.dropout if self.training else 0.0", "dropout_p = self.dropout"),
