@@ -71,7 +71,7 @@ import cli  # noqa: E402  (standard library only: the command line is checked be
 
 TASKS = ("mqar", "selective_copy", "char_lm")
 FOCUS = ("multi_head_attention", "hybrid_attention", "linear_attention")
-RESULT_FORMAT = "compare-mechanisms-v1"
+RESULT_FORMAT = "compare-mechanisms-v2"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ REGISTRY: Dict[str, Adapter] = {
     "differential_attention": Adapter("differential_attention", lambda d, h, t: _mech("differential_attention").DifferentialAttention(d, h)),
     "sparse_attention": Adapter("sparse_attention", lambda d, h, t: _mech("sparse_attention").SparseAttention(d, h, method="sparsemax"), note="sparsemax"),
     "hard_attention": Adapter("hard_attention", lambda d, h, t: _mech("hard_attention").HardAttention(d, h), note="straight-through Gumbel"),
-    "adversarial_attention": Adapter("adversarial_attention", lambda d, h, t: _mech("adversarial_attention").AdversarialAttention(d, h)),
+    "adversarial_attention": Adapter("adversarial_attention", lambda d, h, t: _mech("adversarial_attention").AdversarialAttention(d, h), note="no adversarial pass (no score_perturbation): plain attention here"),
     "dual_attention": Adapter("dual_attention", lambda d, h, t: _DualAttentionMixer(d, h, t), "is_causal", "self + relational heads, positional symbols"),
     "local_attention": Adapter("local_attention", lambda d, h, t: _mech("local_attention").LocalAttention(d, h, window=_window(t), causal=True), "plain", "window T/8"),
     "longformer_attention": Adapter("longformer_attention", lambda d, h, t: _mech("longformer_attention").LongformerAttention(d, h, window=_window(t)), note="window T/8, no global tokens"),
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", choices=TASKS, default=None, help="repeatable; default: all three")
     p.add_argument("--list", action="store_true", help="print the registry and the non-mixers, then exit")
     p.add_argument("--d-model", type=cli.int_range(4, 4096), default=64)
-    p.add_argument("--heads", type=cli.int_range(1, 64), default=2)
+    p.add_argument("--heads", type=cli.int_range(1, 64), default=1,
+                   help="heads of every mixer (default 1, as Zoology's MQAR attention baseline)")
     p.add_argument("--layers", type=cli.int_range(1, 64), default=2)
     p.add_argument("--mlp", action="store_true",
                    help="add the 4d GELU MLP to every block (off by default, as in Zoology's MQAR models, "
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mechanisms that get --steps and the whole --lrs sweep on MQAR")
     p.add_argument("--lrs", type=cli.float_range(0, 1, low_open=True), nargs="+", default=[3e-3, 1e-3],
                    help="learning rates swept (focus runs); the first one is used for the others")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the linear warm-up (5%% of the steps): constant (default), or a cosine "
+                        "decay to 10%%. MQAR's recall circuit forms abruptly after a long plateau; a decay that "
+                        "has already lowered the rate by then keeps the model on the plateau (see the docs page)")
     p.add_argument("--seeds", type=cli.int_range(1, 100), default=1, help="seeds per learning rate")
     p.add_argument("--seed", type=cli.int_range(0), default=0, help="first seed")
     p.add_argument("--threads", type=cli.int_range(0, 1024), default=0, help="torch threads (0: leave torch's default)")
@@ -552,6 +557,7 @@ def run_settings(run: Run, args) -> dict:
     task_keys = {"mqar": ("seq_len", "pairs", "vocab"), "selective_copy": ("seq_len", "copy_tokens", "copy_vocab"),
                  "char_lm": ("block_size",)}[run.task]
     s = dict(dataclasses.asdict(run), d_model=args.d_model, heads=args.heads, layers=args.layers, mlp=args.mlp,
+             schedule=args.schedule,
              batch_size=args.batch_size, eval_every=args.eval_every, eval_examples=args.eval_examples, quick=args.quick)
     s.update({k: getattr(args, k) for k in task_keys})
     return s
@@ -575,6 +581,19 @@ def evaluate(model: TinyLM, task: TaskSpec, examples: int, batch: int, seed: int
     return correct / max(1, counted), loss_sum / max(1, counted)
 
 
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``, as a fraction of the peak: a linear warm-up
+    over the first 5% of the steps, then 1 (``constant``) or a cosine decay that ends at 0.1 (``cosine``)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - 1 - warmup)))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
 def train_one(run: Run, task: TaskSpec, args, device: str, on_step: Callable[[int, dict], None]) -> dict:
     torch.manual_seed(run.seed)
     model = TinyLM(run.mechanism, task.vocab, args.d_model, args.heads, args.layers, task.seq_len, args.mlp).to(device)
@@ -582,15 +601,13 @@ def train_one(run: Run, task: TaskSpec, args, device: str, on_step: Callable[[in
     mixer_params = sum(p.numel() for b in model.blocks for p in b.mixer.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.1, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(run.seed)
-    warmup = max(1, run.steps // 20)
     curve, step_times = [], []
     reached = None
     train_seconds = 0.0
 
     def step_fn(x, y, step):
-        for group in opt.param_groups:  # linear warm-up, then cosine decay to 10%
-            frac = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, run.steps - warmup)))
-            group["lr"] = run.lr * min(1.0, frac)
+        for group in opt.param_groups:
+            group["lr"] = run.lr * lr_factor(step, run.steps, args.schedule)
         loss, c, k = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

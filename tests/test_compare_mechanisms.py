@@ -109,6 +109,20 @@ def test_peak_extra_bytes_counts_a_held_allocation():
     assert 3 * (1 << 20) <= peak < 4 * (1 << 20)
 
 
+def test_learning_rate_schedules():
+    steps = 200  # warm-up: the first 10 steps
+    warm = [cm.lr_factor(i, steps, "constant") for i in range(10)]
+    assert warm == [pytest.approx((i + 1) / 10) for i in range(10)]
+    assert [cm.lr_factor(i, steps, "cosine") for i in range(10)] == warm
+    assert all(cm.lr_factor(i, steps, "constant") == 1.0 for i in range(10, steps))  # no decay at all
+    cosine = [cm.lr_factor(i, steps, "cosine") for i in range(10, steps)]
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1)  # decays to 10% at the last step
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert cosine[len(cosine) // 2] == pytest.approx(0.55, abs=0.01)  # half-way: half-way between 1 and 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        cm.lr_factor(50, steps, "linear")
+
+
 @pytest.mark.slow
 def test_quick_run_writes_results_and_resumes(tmp_path, capsys):
     argv = ["--quick", "--out", str(tmp_path), "--task", "mqar", "--mechanism", "multi_head_attention",
