@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     import compare_mechanisms as cm
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = cm.pick_device(args.device)
+    device = str(cli.pick_device(args.device))  # 'cpu', 'cuda', 'cuda:1', 'mps'
     cm.FIXED_WINDOW = args.window
     names = list(REFERENCES) + [m for m in args.mechanism if m not in REFERENCES]
     ts = lengths(args.min_len, args.max_len)
@@ -191,11 +191,11 @@ def main(argv=None) -> dict:
             for n in list(modules):
                 for pname, fn in passes(modules[n]).items():
                     try:
-                        if device == "cuda":
+                        if device.startswith("cuda"):
                             torch.cuda.synchronize()
                         start = time.perf_counter()
                         fn()
-                        if device == "cuda":
+                        if device.startswith("cuda"):
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - start
                     except Exception as exc:  # noqa: BLE001

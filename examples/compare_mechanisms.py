@@ -515,18 +515,6 @@ def save_json(path: Path, obj) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: this torch build has no CUDA device")
-    return name
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -804,7 +792,7 @@ def main(argv=None) -> dict:
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = str(cli.pick_device(args.device))  # 'cpu', 'cuda', 'cuda:1', 'mps'
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args)

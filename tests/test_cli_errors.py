@@ -73,6 +73,14 @@ CASES = [
     ("td-batch-size", "translate_dates.py", ["--batch-size", "1000000"], 2, "of total RAM"),
     ("td-out-file", "translate_dates.py", ["--out", "{file}"], 2, "names an existing file"),
     ("td-translate-empty", "translate_dates.py", ["--translate", ""], 2, "--translate '': must have 1 to 60"),
+    # examples/compare_mechanisms.py and examples/benchmark_attention.py
+    ("cmp-device-cuda", "compare_mechanisms.py", ["--device", "cuda", "--task", "mqar", "--mechanism",
+                                                  "multi_head_attention", "--out", "{tmp}/cmp"], 1,
+     "--device cuda: CUDA is not available"),
+    ("cmp-non-mixer", "compare_mechanisms.py", ["--mechanism", "graph_attention"], 2, "listed as a non-mixer"),
+    ("cmp-schedule", "compare_mechanisms.py", ["--schedule", "linear"], 2, "argument --schedule: invalid choice"),
+    ("bench-device-cuda", "benchmark_attention.py", ["--device", "cuda", "--out", "{tmp}/bench"], 1,
+     "--device cuda: CUDA is not available"),
     # examples/benchmark_generation.py
     ("gen-out-file", "benchmark_generation.py", ["--out", "{file}"], 2, "names an existing file"),
     ("gen-out-json", "benchmark_generation.py", ["--out", "{tmp}/gen.json"], 2, "--out is a folder"),
