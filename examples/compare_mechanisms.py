@@ -800,17 +800,22 @@ def main(argv=None) -> dict:
     todo = []
     if args.report_only:
         runs, results = collect(out)
+
+    def finished(run: Run) -> Optional[dict]:
+        """The run's result file, if one with the same settings is there (from this or another invocation)."""
+        try:
+            old = json.loads(run.path(out).read_text())
+        except (OSError, ValueError):
+            return None
+        ok = old.get("settings") == run_settings(run, args) and old.get("format") == RESULT_FORMAT
+        return old if ok else None
+
     for i, run in enumerate(runs if not args.report_only else []):
-        path = run.path(out)
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-                if old.get("settings") == run_settings(run, args) and old.get("format") == RESULT_FORMAT:
-                    results[i] = old
-                    continue
-            except (OSError, ValueError):
-                pass
-        todo.append(i)
+        old = finished(run)
+        if old is not None:
+            results[i] = old
+        else:
+            todo.append(i)
     total_steps = sum(runs[i].steps for i in todo)
     print(f"{len(runs)} runs ({len(runs) - len(todo)} already done), {total_steps:,} training steps to go, "
           f"device {device}, {torch.get_num_threads()} threads, load {cli.load_average()}", flush=True)
@@ -835,6 +840,13 @@ def main(argv=None) -> dict:
                   f"step {step}/{run.steps} acc {point['accuracy']:.3f} val {point['val_loss']:.3f} | "
                   f"grid {100 * done / max(1, total_steps):5.1f}% ETA {format_seconds(eta)}", flush=True)
 
+        done_meanwhile = finished(run)  # another invocation, run side by side into the same --out, did it
+        if done_meanwhile is not None:
+            print(f"[{n + 1}/{len(todo)}] {run.task} {run.mechanism} lr={run.lr:g} seed={run.seed}: "
+                  "finished meanwhile by another invocation, skipped", flush=True)
+            results[i] = done_meanwhile
+            steps_done += run.steps
+            continue
         try:
             result = train_one(run, tasks[run.task], args, device, on_step)
         except Exception as exc:  # a mechanism that fails is reported, never silently skipped

@@ -146,6 +146,29 @@ def test_quick_run_writes_results_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_finished_meanwhile_by_another_invocation_is_not_redone(tmp_path, monkeypatch, capsys):
+    """Invocations run side by side into one --out share the work: a run another one finished while this
+    one was busy is read, not trained again."""
+    argv = ["--quick", "--out", str(tmp_path), "--task", "mqar", "--mechanism", "multi_head_attention",
+            "--mechanism", "linear_attention", "--focus", "multi_head_attention", "--threads", "1"]
+    real, trained = cm.train_one, []
+
+    def train_one(run, task, args, device, on_step):
+        trained.append(run.mechanism)
+        result = real(run, task, args, device, on_step)
+        if run.mechanism == "multi_head_attention":  # meanwhile, another invocation finishes linear_attention
+            other = cm.Run("linear_attention", "mqar", run.lr, run.seed, args.other_steps)
+            cm.save_json(other.path(tmp_path), real(other, task, args, device, lambda *a: None))
+        return result
+
+    monkeypatch.setattr(cm, "train_one", train_one)
+    report = cm.main(argv)
+    assert trained == ["multi_head_attention"]
+    assert "linear_attention lr=0.003 seed=0: finished meanwhile by another invocation, skipped" in capsys.readouterr().out
+    assert set(report["results"]["mqar"]) == {"multi_head_attention", "linear_attention"}
+
+
+@pytest.mark.slow
 def test_the_harness_teaches_softmax_attention_recall(tmp_path):
     """End to end: the model, the adapter, the MQAR labels and the training loop together must let softmax
     attention learn recall on a small MQAR (2 pairs, vocabulary 16, T = 12). Answering with the right
