@@ -212,6 +212,13 @@ def test_the_docs_page_quotes_the_full_run():
     assert [f"{a:.3f}" for a in seeds] == ["0.995", "0.987"]
     cosine = _results("compare_mechanisms_cosine.json")["mqar"]["multi_head_attention"]
     assert f"{cosine['final_accuracy']:.3f}" == "0.234" and cosine["steps_to_threshold"] is None
+    every = _results("compare_mechanisms_mqar_1500.json")
+    rows = [line for line in cm.markdown_tables(every).splitlines() if line.startswith("| `")]
+    assert len(rows) == len(cm.REGISTRY) - 4  # the four that compute another row's mechanism exactly
+    assert all(row in page for row in rows), "the 1,500-step MQAR table differs from its JSON"
+    assert all(r["steps"] == 1500 for r in every["mqar"].values())
+    solved = [m for m, r in every["mqar"].items() if r["final_accuracy"] >= 0.95]
+    assert len(solved) == 16 and "Sixteen mechanisms learn recall" in page and "[16 of the catalogue's" in page
     long = _results("compare_mechanisms_long.json")["mqar"]
     assert [f"{long[m]['final_accuracy']:.3f}" for m in ("hybrid_attention", "linear_attention")] == ["0.647", "0.241"]
     assert long["hybrid_attention"]["steps"] == long["linear_attention"]["steps"] == 5000
